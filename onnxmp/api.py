@@ -1,0 +1,109 @@
+"""The Python API: everything the CLI does is one call of these functions."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from onnxmp.errors import ModelSaveError
+from onnxmp.ir import Model, iter_graphs, write_text_atomic
+from onnxmp.pass_manager import PassContext, PassRecord, Pipeline
+from onnxmp.policy import Policy, load_policy, preset_names
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model and the report of how it was made."""
+
+    model: Model
+    report: dict[str, Any]
+
+
+def optimize_model(
+    model: Model | onnx.ModelProto | str | os.PathLike,
+    policy: str | Path | dict | Policy | None = None,
+    *,
+    target: str | None = None,
+    passes: str | None = None,
+    verify_each: bool = False,
+    dump_after: tuple[str, ...] | list[str] = (),
+    dump_dir: str | Path | None = None,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> OptimizeResult:
+    """Run a policy's pipeline (or the textual ``passes``) over a model, in place when given a Model."""
+    from onnxmp import __version__
+
+    if not isinstance(model, Model):
+        model = Model.load(model)
+    policy = load_policy(policy).with_target(target)
+    settings = dict(verify_each=verify_each, dump_after=dump_after, dump_dir=dump_dir, on_pass=on_pass)
+    pipeline = Pipeline.from_text(passes, **settings) if passes else policy.pipeline(**settings)
+    ops_before = op_histogram(model)
+    ctx = PassContext(target=policy.target)
+    records = pipeline.run(model, ctx)
+    policy_id = policy.name if policy.name in preset_names() else f"sha256:{policy.digest}"
+    model.metadata["onnxmp.version"] = __version__
+    model.metadata["onnxmp.policy"] = policy_id
+    model.metadata["onnxmp.pipeline"] = str(pipeline)
+    report = {
+        "onnxmp_version": __version__,
+        "policy": {"name": policy.name, "id": policy_id, "target": policy.target},
+        "pipeline": str(pipeline),
+        "passes": [asdict(r) for r in records],
+        "nodes": {"before": sum(ops_before.values()), "after": model.node_count()},
+        "ops_before": ops_before,
+        "ops_after": op_histogram(model),
+        "decisions": ctx.decisions,
+    }
+    return OptimizeResult(model, report)
+
+
+def optimize(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    policy: str | Path | dict | Policy | None = None,
+    *,
+    report_path: str | os.PathLike | None = None,
+    **options: Any,
+) -> OptimizeResult:
+    """Load ``source``, optimize it, and write ``destination`` (and the report) atomically.
+
+    ``options`` are those of :func:`optimize_model`. Nothing is written unless every step worked.
+    """
+    check_output_path(source, destination)
+    result = optimize_model(Model.load(source), policy, **options)
+    result.report["input"], result.report["output"] = str(source), str(destination)
+    result.model.save(destination)
+    if report_path is not None:
+        write_text_atomic(report_path, json.dumps(result.report, indent=2) + "\n")
+    return result
+
+
+def check_output_path(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Refuse, before any work, an output that would overwrite the input or cannot be written."""
+    src, dst = Path(source), Path(destination)
+    if dst.is_dir():
+        raise ModelSaveError(f"output '{dst}' is a folder; give a file name such as {dst / 'model.onnx'}")
+    if src.exists() and (dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src))):
+        raise ModelSaveError(f"output '{dst}' is the input model; choose another output path (the input is never modified)")
+    parent = dst.resolve().parent
+    if not parent.is_dir():
+        raise ModelSaveError(f"cannot write '{dst}': folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise ModelSaveError(f"cannot write '{dst}': folder '{parent}' is not writable")
+
+
+def op_histogram(model: Model) -> dict[str, int]:
+    """Node count per op type (``domain.Op`` outside ai.onnx), subgraphs included."""
+    counts: Counter[str] = Counter()
+    for graph in iter_graphs(model.graph):
+        for node in graph.nodes:
+            domain = node.domain if node.domain not in (None, "", "ai.onnx") else ""
+            counts[f"{domain}.{node.op}" if domain else node.op] += 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,80 @@
+"""Shape and type inference for the in-memory graph, without copying the weights.
+
+onnx's shape inference works on a ModelProto. Exporting the whole model would copy every weight,
+so the proto built here carries only small initializers (which hold shapes, axes and other values
+that inference reads) and declares the large ones as typed graph inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from onnxmp.ir import Model, elem_type
+
+SMALL_INITIALIZER = 4096  # elements; larger initializers are declared by type only
+
+
+def infer_shapes(model: Model) -> None:
+    """Fill in missing dtypes and shapes of the main graph's tensors from onnx shape inference."""
+    proto = _lightweight_proto(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return
+    tensors = model.graph.tensors()
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(info.name)
+        if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):
+            _merge(tensor, info.type.tensor_type)
+
+
+def _merge(tensor: gs.Variable, tensor_type: onnx.TypeProto.Tensor) -> None:
+    if tensor.dtype is None and tensor_type.elem_type:
+        onnx_type = tensor_type.elem_type
+        try:
+            tensor.dtype = helper.tensor_dtype_to_np_dtype(onnx_type)
+        except (KeyError, TypeError):
+            tensor.dtype = onnx_type
+    if not tensor_type.HasField("shape"):
+        return
+    dims = [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+    ]
+    if tensor.shape is None or _known(dims) > _known(tensor.shape):
+        tensor.shape = dims
+
+
+def _known(dims) -> int:
+    if dims is None:
+        return -1
+    return sum(1 for d in dims if isinstance(d, (int, np.integer)))
+
+
+def _lightweight_proto(model: Model) -> onnx.ModelProto:
+    graph = model.graph
+    initializers, declared = [], []
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        if tensor.shape is not None and int(np.prod(tensor.shape)) <= SMALL_INITIALIZER:
+            exported = OnnxExporter.export_tensor_proto(tensor)
+            initializers.append(exported)
+        else:
+            declared.append(helper.make_tensor_value_info(tensor.name, elem_type(tensor), tensor.shape))
+    graph_proto = helper.make_graph(
+        [OnnxExporter.export_node(n) for n in graph.nodes],
+        graph.name or "main",
+        [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs] + declared,
+        [OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.outputs],
+        initializer=initializers,
+    )
+    return helper.make_model(
+        graph_proto,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in model.opset_imports.items()],
+        ir_version=model.ir_version,
+        functions=[OnnxExporter.export_function(f) for f in graph.functions],
+    )

@@ -1,0 +1,10 @@
+"""The built-in passes, one module each. Importing this package registers them all."""
+
+from onnxmp.passes import (  # noqa: F401
+    cast_elimination,
+    cleanup,
+    constant_folding,
+    fold_batchnorm,
+    fusion_gemm,
+    identity_removal,
+)
