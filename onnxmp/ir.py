@@ -346,9 +346,15 @@ def elem_type(tensor: gs.Tensor) -> int | None:
 
 
 def dtype_name(onnx_type: int | None) -> str:
+    """numpy-style name of an ONNX element type: float32, float16, bfloat16, int8, bool, ..."""
     if onnx_type is None:
         return "?"
-    return helper.tensor_dtype_to_string(onnx_type).replace("TensorProto.", "").lower()
+    if onnx_type == onnx.TensorProto.STRING:
+        return "string"
+    try:
+        return helper.tensor_dtype_to_np_dtype(onnx_type).name
+    except (KeyError, TypeError, ValueError):
+        return helper.tensor_dtype_to_string(onnx_type).replace("TensorProto.", "").lower()
 
 
 def shape_of(tensor: gs.Tensor) -> list | None:

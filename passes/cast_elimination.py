@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 from onnx import TensorProto as T
 
-from onnxmp.ir import Model, bypass, elem_type, iter_graphs, producer, remove_nodes
+from onnxmp.ir import Model, bypass, elem_type, graph_output_ids, iter_graphs, producer, remove_nodes
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.shapes import infer_shapes
 
@@ -64,6 +64,7 @@ def _is_cast(node: gs.Node | None) -> bool:
 
 def _eliminate(graph: gs.Graph) -> bool:
     local = {id(n) for n in graph.nodes}
+    outputs = graph_output_ids(graph)
     changed = False
     removed = []
     for node in list(graph.nodes):
@@ -75,6 +76,10 @@ def _eliminate(graph: gs.Graph) -> bool:
             if is_lossless(elem_type(origin), first.attrs.get("to")):
                 node.inputs[0] = origin
                 changed = True
+                if not first.outputs[0].outputs and id(first.outputs[0]) not in outputs:
+                    first.inputs.clear()  # the skipped cast fed only this one
+                    first.outputs.clear()
+                    removed.append(first)
         if elem_type(node.inputs[0]) == node.attrs.get("to") and bypass(graph, node):
             removed.append(node)
     if removed:
