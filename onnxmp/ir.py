@@ -157,9 +157,9 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
         )
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelLoadError(
-            f"input model '{path}' refers to external data that cannot be read ({exc}); "
+            f"input model '{path}' refers to external data that cannot be read ({_first_line(exc)}); "
             "keep the data file next to the model under the name the model records"
         ) from exc
     return proto
