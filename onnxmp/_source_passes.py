@@ -38,6 +38,10 @@ def is_source_checkout() -> bool:
 
 
 def install() -> None:
-    """Register the finder once, after the regular finders, for source checkouts only."""
+    """Register the finder once, for source checkouts only.
+
+    It goes first: another finder (an editable install of a different checkout) would otherwise
+    answer ``onnxmp.passes`` with that checkout's passes.
+    """
     if is_source_checkout() and not any(isinstance(f, _SourcePassesFinder) for f in sys.meta_path):
-        sys.meta_path.append(_SourcePassesFinder())
+        sys.meta_path.insert(0, _SourcePassesFinder())

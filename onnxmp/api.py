@@ -12,7 +12,7 @@ from typing import Any, Callable
 import onnx
 
 from onnxmp.errors import ModelSaveError
-from onnxmp.ir import Model, iter_graphs, write_text_atomic
+from onnxmp.ir import Model, _all_initializers, iter_graphs, write_text_atomic
 from onnxmp.pass_manager import PassContext, PassRecord, Pipeline
 from onnxmp.policy import Policy, load_policy, preset_names
 
@@ -77,6 +77,8 @@ def optimize(
     ``options`` are those of :func:`optimize_model`. Nothing is written unless every step worked.
     """
     check_output_path(source, destination)
+    if report_path is not None:
+        check_output_path(source, report_path)
     result = optimize_model(Model.load(source), policy, **options)
     result.report["input"], result.report["output"] = str(source), str(destination)
     result.model.save(destination)
@@ -92,11 +94,39 @@ def check_output_path(source: str | os.PathLike, destination: str | os.PathLike)
         raise ModelSaveError(f"output '{dst}' is a folder; give a file name such as {dst / 'model.onnx'}")
     if src.exists() and (dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src))):
         raise ModelSaveError(f"output '{dst}' is the input model; choose another output path (the input is never modified)")
+    # The output's weights may go to '<OUT>.data': neither it nor OUT may be a file of the input.
+    for written in (dst, dst.with_name(dst.name + ".data")):
+        for existing in _input_files(src):
+            if written.resolve() == existing.resolve() or (written.exists() and written.samefile(existing)):
+                raise ModelSaveError(
+                    f"output '{dst}' would overwrite '{existing}', a file of the input model; "
+                    "choose another output path (the input is never modified)"
+                )
     parent = dst.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise ModelSaveError(f"cannot write '{dst}': '{parent}' is a file, not a folder; choose an output in a folder")
     if not parent.is_dir():
         raise ModelSaveError(f"cannot write '{dst}': folder '{parent}' does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ModelSaveError(f"cannot write '{dst}': folder '{parent}' is not writable")
+
+
+def _input_files(src: Path) -> list[Path]:
+    """The input model file and the external data files it refers to."""
+    if not src.is_file():
+        return []
+    try:
+        proto = onnx.load_model(str(src), load_external_data=False)
+    except Exception:  # an unreadable input is reported by Model.load with its own message
+        return [src]
+    locations = {
+        entry.value
+        for tensor in _all_initializers(proto.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [src] + [src.parent / location for location in sorted(locations)]
 
 
 def op_histogram(model: Model) -> dict[str, int]:

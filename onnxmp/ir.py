@@ -27,6 +27,29 @@ from onnx_graphsurgeon.logger import G_LOGGER  # noqa: E402
 
 G_LOGGER.severity = G_LOGGER.ERROR
 
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter  # noqa: E402
+
+_gs_export_value_info = OnnxExporter.export_value_info_proto
+
+
+def _export_value_info(tensor: gs.Tensor, do_type_check: bool) -> onnx.ValueInfoProto:
+    """onnx-graphsurgeon imports an optional-typed value (its dtype is then the element's
+    TypeProto) but its exporter fails on it with UnboundLocalError; export it as optional here."""
+    if getattr(tensor, "type", None) == "optional_type" and isinstance(tensor.dtype, onnx.TypeProto):
+        return helper.make_value_info(tensor.name, helper.make_optional_type_proto(tensor.dtype))
+    return _gs_export_value_info(tensor, do_type_check)
+
+
+OnnxExporter.export_value_info_proto = staticmethod(_export_value_info)
+
+from onnx_graphsurgeon.importers import onnx_importer as _gs_importer  # noqa: E402
+
+# onnx-graphsurgeon's importer drops attributes of these types (Optional's `type`, Constant's
+# `sparse_value`) with a warning silenced above; keep them as their protos instead:
+# onnx.helper.make_attribute, which its exporter calls, writes them back unchanged.
+_gs_importer.ONNX_PYTHON_ATTR_MAPPING.setdefault("TYPE_PROTO", "tp")
+_gs_importer.ONNX_PYTHON_ATTR_MAPPING.setdefault("SPARSE_TENSOR", "sparse_tensor")
+
 TWO_GB = 2**31
 PROVENANCE_KEY = "onnxmp.rule"
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes; smaller tensors stay inside the model file

@@ -198,8 +198,14 @@ class Pipeline:
         from onnxmp.dump import dump_model
 
         assert self.dump_dir is not None
-        self.dump_dir.mkdir(parents=True, exist_ok=True)
-        (self.dump_dir / f"{index:02d}-{name}.txt").write_text(dump_model(model), encoding="utf-8")
+        try:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / f"{index:02d}-{name}.txt").write_text(dump_model(model), encoding="utf-8")
+        except OSError as exc:
+            raise PassError(
+                f"cannot write the dump after '{name}' into '{self.dump_dir}': {exc.strerror or exc}; "
+                "choose another --dump-dir"
+            ) from exc
 
 
 def _check_precondition(model: Model, verify: Verifier) -> None:

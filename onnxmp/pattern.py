@@ -285,8 +285,12 @@ class Rule:
             raise _Failure("the rule's condition rejected the match", len(state.nodes))
         return found
 
-    def replace(self, match: Match, ctx: PassContext) -> list[gs.Node] | None:
-        """Apply the replacement for ``match``, all of it or nothing; the created nodes, or None."""
+    def replace(self, match: Match, ctx: PassContext, pending: list[gs.Node] | None = None) -> list[gs.Node] | None:
+        """Apply the replacement for ``match``, all of it or nothing; the created nodes, or None.
+
+        With ``pending``, matched nodes are disconnected and appended to it instead of being
+        dropped from ``graph.nodes``; the caller removes them all in one sweep.
+        """
         builder = RewriteBuilder(self.name, match, ctx)
         arguments = {}
         for name in self._wants:
@@ -298,7 +302,7 @@ class Rule:
         if result is None:
             builder.discard()
             return None
-        builder.commit(result)
+        builder.commit(result, pending)
         return builder.created
 
 
@@ -358,7 +362,7 @@ class RewriteBuilder:
             node.outputs.clear()
         self.created.clear()
 
-    def commit(self, result: gs.Tensor) -> None:
+    def commit(self, result: gs.Tensor, pending: list[gs.Node] | None = None) -> None:
         """Wire ``result`` in place of the root's output and drop the matched nodes."""
         old = self.match.output
         graph = self.match.graph
@@ -385,7 +389,13 @@ class RewriteBuilder:
             self.created.append(identity)
         else:
             replace_all_uses(old, result)
-        remove_nodes(graph, self.match.matched)
+        if pending is None:
+            remove_nodes(graph, self.match.matched)
+        else:  # one sweep of graph.nodes per match would make rewriting quadratic in node count
+            for node in self.match.matched:
+                node.inputs.clear()
+                node.outputs.clear()
+            pending.extend(self.match.matched)
         graph.nodes.extend(self.created)
 
 
@@ -406,6 +416,7 @@ def _rewrite_graph(graph: gs.Graph, rules: list[Rule], ctx: PassContext) -> bool
     for rule in rules:
         graph_nodes = {id(n) for n in graph.nodes}
         removed: set[int] = set()
+        pending: list[gs.Node] = []
         for node in list(graph.nodes):
             if node.op != rule.pattern.op_type or id(node) in removed:
                 continue
@@ -413,12 +424,13 @@ def _rewrite_graph(graph: gs.Graph, rules: list[Rule], ctx: PassContext) -> bool
                 found = rule.match(node, graph, graph_nodes)
             except _Failure:
                 continue
-            created = rule.replace(found, ctx)
+            created = rule.replace(found, ctx, pending)
             if created is not None:
                 removed.update(id(n) for n in found.matched)
-                graph_nodes.difference_update(removed)
+                graph_nodes.difference_update(id(n) for n in found.matched)
                 graph_nodes.update(id(n) for n in created)
                 changed = True
+        remove_nodes(graph, pending)
     return changed
 
 

@@ -192,6 +192,8 @@ def _load_file(path: Path, name: str) -> Policy:
         raise PolicyError(
             f"policy '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy '{path}' is not UTF-8 text (is it a JSON policy file?): {exc.reason}") from exc
     except OSError as exc:
         raise PolicyError(f"policy '{path}' cannot be read: {exc.strerror}") from exc
     validate_policy_data(data, f"'{path}'")

@@ -123,7 +123,7 @@ def _fold_graph(graph: gs.Graph, model: Model, ctx: PassContext, max_elements: i
     folded_any = False
     for tensor in frontier:
         value = values.get(tensor.name)
-        if value is None or value.size > ceiling:
+        if not isinstance(value, np.ndarray) or value.size > ceiling:  # sequences stay computed
             continue
         folded_any |= _replace_with_constant(graph, tensor, value, ctx)
     if not folded_any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import helper
 
 from conftest import MODELS
 from onnxmp.errors import ModelLoadError, ModelSaveError
@@ -141,4 +140,4 @@ def test_subgraph_outer_scope_reads_order_the_if_node():
     model.graph.nodes.reverse()
     out = model.to_proto()
     onnx.checker.check_model(out, full_check=True)
-    assert helper.printable_graph(out.graph)
+    assert [n.op for n in out.graph.node] == ["If"]
