@@ -140,4 +140,4 @@ def test_subgraph_outer_scope_reads_order_the_if_node():
     model.graph.nodes.reverse()
     out = model.to_proto()
     onnx.checker.check_model(out, full_check=True)
-    assert [n.op for n in out.graph.node] == ["If"]
+    assert [n.op_type for n in out.graph.node] == ["If"]
