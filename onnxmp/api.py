@@ -12,7 +12,7 @@ from typing import Any, Callable
 import onnx
 
 from onnxmp.errors import ModelSaveError
-from onnxmp.ir import Model, _all_initializers, iter_graphs, write_text_atomic
+from onnxmp.ir import Model, all_initializers, iter_graphs, write_text_atomic
 from onnxmp.pass_manager import PassContext, PassRecord, Pipeline
 from onnxmp.policy import Policy, load_policy, preset_names
 
@@ -31,12 +31,22 @@ def optimize_model(
     *,
     target: str | None = None,
     passes: str | None = None,
+    calibration_data: str | os.PathLike | None = None,
+    calibration_cache: str | os.PathLike | None = None,
+    validation_data: str | os.PathLike | None = None,
     verify_each: bool = False,
     dump_after: tuple[str, ...] | list[str] = (),
     dump_dir: str | Path | None = None,
     on_pass: Callable[[PassRecord], None] | None = None,
+    progress: bool = False,
 ) -> OptimizeResult:
-    """Run a policy's pipeline (or the textual ``passes``) over a model, in place when given a Model."""
+    """Run a policy's pipeline (or the textual ``passes``) over a model, then validate it.
+
+    A given ``Model`` is changed in place. Calibration data (argument or the policy's
+    ``calibration`` section) feeds range statistics to the passes. When the policy has a
+    ``validation`` section or ``validation_data`` is given, the result is compared with the
+    original and a failed gate raises ValidationError.
+    """
     from onnxmp import __version__
 
     if not isinstance(model, Model):
@@ -44,13 +54,18 @@ def optimize_model(
     policy = load_policy(policy).with_target(target)
     settings = dict(verify_each=verify_each, dump_after=dump_after, dump_dir=dump_dir, on_pass=on_pass)
     pipeline = Pipeline.from_text(passes, **settings) if passes else policy.pipeline(**settings)
+    gates = _validation_gates(policy, validation_data)
+    original = (model.source or model.to_proto()) if gates is not None else None
     ops_before = op_histogram(model)
     ctx = PassContext(target=policy.target)
+    ctx.calibration = _calibrator(model, policy, calibration_data, calibration_cache, progress)
     records = pipeline.run(model, ctx)
     policy_id = policy.name if policy.name in preset_names() else f"sha256:{policy.digest}"
     model.metadata["onnxmp.version"] = __version__
     model.metadata["onnxmp.policy"] = policy_id
     model.metadata["onnxmp.pipeline"] = str(pipeline)
+    if ctx.calibration is not None:
+        model.metadata["onnxmp.calibration"] = ctx.calibration.digest
     report = {
         "onnxmp_version": __version__,
         "policy": {"name": policy.name, "id": policy_id, "target": policy.target},
@@ -59,9 +74,72 @@ def optimize_model(
         "nodes": {"before": sum(ops_before.values()), "after": model.node_count()},
         "ops_before": ops_before,
         "ops_after": op_histogram(model),
+        "casts": {"before": ops_before.get("Cast", 0), "after": op_histogram(model).get("Cast", 0)},
+        "calibration": None if ctx.calibration is None else {"data": ctx.calibration.batches.description, "digest": ctx.calibration.digest},
         "decisions": ctx.decisions,
     }
+    if gates is not None:
+        validation = _validate(original, model, policy, gates, validation_data, ctx.calibration)
+        report["validation"] = validation.to_dict()
+        validation.raise_if_failed()
     return OptimizeResult(model, report)
+
+
+def _calibrator(model: Model, policy: Policy, data: Any, cache: Any, progress: bool):
+    """A Calibrator over the given data or the policy's calibration section, or None."""
+    from onnxmp.calibration import Calibrator, default_cache_dir
+    from onnxmp.data import input_specs, load_batches
+
+    section = policy.data.get("calibration", {})
+    path = Path(data) if data is not None else policy.section_path("calibration")
+    if path is None:
+        return None
+    batches = load_batches(path, input_specs(model))
+    if cache is None:
+        cache = section.get("cache_dir", default_cache_dir())
+    return Calibrator(batches, cache, progress)
+
+
+def _validation_gates(policy: Policy, data: Any):
+    """The gates to hold the result to, or None when nothing asks for validation."""
+    from onnxmp.validate import gates_from_policy
+
+    section = policy.data.get("validation")
+    if section is None and data is None:
+        return None
+    return gates_from_policy(section or {})
+
+
+def _validate(original: Any, model: Model, policy: Policy, gates: Any, data: Any, calibration: Any):
+    """Compare the candidate with the original on validation data (or, failing that,
+    calibration data; or, failing both, random inputs, which the report says)."""
+    from onnxmp.data import input_specs, load_batches, random_batches
+    from onnxmp.runtime import PROVIDERS
+    from onnxmp.validate import validate
+
+    section = policy.data.get("validation", {})
+    path = Path(data) if data is not None else policy.section_path("validation")
+    specs = input_specs(model)
+    if path is not None:
+        batches = load_batches(path, specs)
+    elif calibration is not None:
+        batches = calibration.batches
+    else:
+        batches = random_batches(specs, count=4, batch_size=2)
+    providers = _validation_providers(policy.target, PROVIDERS)
+    report = validate(original, model.to_proto(), batches, gates, providers, max_batches=section.get("batches"))
+    if path is None and calibration is None:
+        report.notes.append("validated on random inputs (no validation or calibration data): a smoke test only")
+    return report
+
+
+def _validation_providers(target: str, names: dict[str, str]) -> tuple[str, ...]:
+    import onnxruntime as ort
+
+    wanted = names.get(target, names["cpu"])
+    if target != "cpu" and wanted in ort.get_available_providers():
+        return (wanted, names["cpu"])
+    return (names["cpu"],)
 
 
 def optimize(
@@ -121,7 +199,7 @@ def _input_files(src: Path) -> list[Path]:
         return [src]
     locations = {
         entry.value
-        for tensor in _all_initializers(proto.graph)
+        for tensor in all_initializers(proto.graph)
         if tensor.data_location == onnx.TensorProto.EXTERNAL
         for entry in tensor.external_data
         if entry.key == "location"

@@ -17,7 +17,7 @@ from onnxmp.api import op_histogram, optimize
 from onnxmp.dump import dump_model
 from onnxmp.errors import OnnxmpError
 from onnxmp.ir import Model, dtype_name, elem_type, iter_graphs, weight_bytes
-from onnxmp.pass_manager import TARGETS, PassRecord, registered_passes
+from onnxmp.pass_manager import TARGETS, registered_passes
 from onnxmp.policy import DEFAULT_PRESET, load_policy, preset_names, preset_text
 
 console = Console(stderr=True)
@@ -50,44 +50,58 @@ def main() -> None:
 @click.option("--policy", "-p", default=None, help=f"Preset name or policy JSON file (default: {DEFAULT_PRESET}).")
 @click.option("--target", type=click.Choice(TARGETS), default=None, help="Override the policy's target.")
 @click.option("--passes", default=None, help='Textual pipeline instead of the policy\'s, e.g. "cleanup,fold-constants".')
+@click.option("--calibration-data", type=click.Path(path_type=Path), default=None, help="Folder of .npz/.npy batches or one .npz for range statistics (overrides the policy's).")
+@click.option("--calibration-cache", type=click.Path(path_type=Path), default=None, help="Statistics cache folder (default: $ONNXMP_CACHE_DIR or ~/.cache/onnxmp/calibration).")
+@click.option("--validation-data", type=click.Path(path_type=Path), default=None, help="Data to validate the result on before writing it (overrides the policy's).")
 @click.option("--verify-each", is_flag=True, help="Check the model (onnx.checker full, onnxruntime load) after every pass.")
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the text form after PASS (repeatable).")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Folder for --dump-after (default: OUT.dump/).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Report JSON path (default: OUT with .report.json).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @_friendly_errors
-def optimize_command(input_model, output_model, policy, target, passes, verify_each, dump_after, dump_dir, report_path, quiet):
+def optimize_command(input_model, output_model, policy, target, passes, calibration_data, calibration_cache, validation_data, verify_each, dump_after, dump_dir, report_path, quiet):
     """Optimize IN into OUT as the policy says."""
     report_path = report_path or output_model.with_suffix(".report.json")
     if dump_after and dump_dir is None:
         dump_dir = output_model.with_name(output_model.name + ".dump")
-    status = console.status("loading", spinner="dots") if not quiet else None
-
-    def on_pass(record: PassRecord) -> None:
-        if status is not None:
-            status.update(f"ran {record.name}")
-
-    if status is not None:
-        status.start()
-    try:
-        result = optimize(
-            input_model,
-            output_model,
-            policy,
-            target=target,
-            passes=passes,
-            verify_each=verify_each,
-            dump_after=dump_after,
-            dump_dir=dump_dir,
-            report_path=report_path,
-            on_pass=on_pass,
-        )
-    finally:
-        if status is not None:
-            status.stop()
+    result = optimize(
+        input_model,
+        output_model,
+        policy,
+        target=target,
+        passes=passes,
+        calibration_data=calibration_data,
+        calibration_cache=calibration_cache,
+        validation_data=validation_data,
+        verify_each=verify_each,
+        progress=not quiet,
+        dump_after=dump_after,
+        dump_dir=dump_dir,
+        report_path=report_path,
+    )
     if not quiet:
         _print_pass_table(result.report)
+        if "validation" in result.report:
+            _print_validation(result.report["validation"])
         console.print(f"wrote {output_model} and {report_path}")
+
+
+def _print_validation(validation: dict) -> None:
+    table = Table(title=f"validation on {validation.get('batches')} batches")
+    for column in ("output", "max abs", "rel L2", "cosine", "top-1"):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for name, metrics in validation["outputs"].items():
+        top1 = metrics.get("top1_agreement")
+        table.add_row(
+            name,
+            f"{metrics['max_abs_error']:.3g}",
+            f"{metrics['rel_l2_error']:.3g}",
+            f"{metrics['cosine_similarity']:.6f}",
+            "-" if top1 is None else f"{top1:.4f}",
+        )
+    console.print(table)
+    for note in validation.get("notes", []):
+        console.print(f"note: {note}")
 
 
 def _print_pass_table(report: dict) -> None:
@@ -198,6 +212,101 @@ def policies_command(ctx):
 def policies_show_command(name):
     """Print preset NAME as JSON, a starting point for a custom policy."""
     click.echo(preset_text(name), nl=False)
+
+
+@main.command("bench")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True, help="onnxruntime execution provider.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Value of the first (batch) dimension when it is symbolic.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs first.")
+@click.option("--repeats", type=int, default=50, show_default=True, help="Timed runs.")
+@click.option("--dim", "dim_values", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic dimension, e.g. sequence=128 (repeatable; others are 1).")
+@click.option("--nhwc/--no-nhwc", default=None, help="CUDA prefer_nhwc (default: on for convolution-heavy models).")
+@click.option("--cuda-graph", is_flag=True, help="Capture and replay a CUDA graph (cuda, tensorrt).")
+@click.option("--io-binding/--no-io-binding", default=None, help="Inputs and outputs on the device (default: on for cuda and tensorrt).")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: onnxruntime's).")
+@click.option("--trt-fp16", is_flag=True, help="TensorRT: allow FP16 kernels.")
+@click.option("--trt-int8", is_flag=True, help="TensorRT: allow INT8 kernels (QDQ model, or --trt-calibration-table).")
+@click.option("--trt-calibration-table", type=click.Path(path_type=Path), default=None, help="TensorRT INT8 calibration table.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write the full result (every run's time) as JSON.")
+@_friendly_errors
+def bench_command(model_path, provider, batch, warmup, repeats, dim_values, nhwc, cuda_graph, io_binding, threads, trt_fp16, trt_int8, trt_calibration_table, json_path):
+    """Time MODEL on random inputs with onnxruntime: median, p90, mean, min and throughput."""
+    import json
+
+    from onnxmp.ir import write_text_atomic
+    from onnxmp.runtime import benchmark
+
+    dims = {}
+    for item in dim_values:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.strip().isdigit() or int(value) < 1:
+            raise OnnxmpError(f"--dim expects NAME=VALUE with a positive integer VALUE, got '{item}'")
+        dims[name.strip()] = int(value)
+    options = {"nhwc": nhwc, "cuda_graph": cuda_graph, "threads": threads}
+    if provider == "tensorrt":
+        options.update(trt_fp16=trt_fp16, trt_int8=trt_int8, trt_calibration_table=trt_calibration_table)
+    elif trt_fp16 or trt_int8 or trt_calibration_table is not None:
+        raise OnnxmpError("--trt-fp16, --trt-int8 and --trt-calibration-table need --provider tensorrt")
+    status = console.status(f"benchmarking {model_path.name} on {provider}", spinner="dots")
+    with status:
+        result = benchmark(model_path, provider, batch=batch, warmup=warmup, repeats=repeats, io_binding=io_binding, dims=dims, **options)
+    shapes = ", ".join(f"{name}: {spec['dtype']}[{','.join(map(str, spec['shape']))}]" for name, spec in result.inputs.items())
+    table = Table(title=f"{result.model} on {', '.join(result.providers)}", caption=f"batch {result.batch}; {shapes}; io binding {'on' if result.io_binding else 'off'}; {result.repeats} runs after {result.warmup} warm-up")
+    for column in ("median ms", "p90 ms", "mean ms", "min ms", "items/s"):
+        table.add_column(column, justify="right")
+    table.add_row(f"{result.median_ms:.3f}", f"{result.p90_ms:.3f}", f"{result.mean_ms:.3f}", f"{result.min_ms:.3f}", f"{result.throughput:,.1f}")
+    out.print(table)
+    if json_path is not None:
+        write_text_atomic(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+@main.command("validate")
+@click.argument("original_model", metavar="ORIGINAL", type=click.Path(path_type=Path))
+@click.argument("candidate_model", metavar="CANDIDATE", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path), default=None, help="Validation data: a folder of .npz batches or one .npz (default: the policy's validation.data).")
+@click.option("--policy", "-p", default=None, help="Preset or policy file whose 'validation' section gives the gates.")
+@click.option("--batches", "max_batches", type=click.IntRange(min=1), default=None, help="Use at most this many batches.")
+@click.option("--max-abs", type=click.FloatRange(min=0), default=None, help="Gate: largest |candidate - original|.")
+@click.option("--max-rel-l2", type=click.FloatRange(min=0), default=None, help="Gate: largest ||candidate - original|| / ||original||.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Gate: smallest cosine similarity.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None, help="Gate: smallest top-1 agreement ([N, C] / [N, T, C] outputs).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="onnxruntime execution provider for both models.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the validation report as JSON here.")
+@_friendly_errors
+def validate_command(original_model, candidate_model, data_path, policy, max_batches, max_abs, max_rel_l2, min_cosine, min_top1, provider, report_path):
+    """Compare CANDIDATE with ORIGINAL on data; exit 1 if any accuracy gate fails.
+
+    A gate flag replaces that gate from the policy for every output (per-output gates included).
+    NaN/Inf in the candidate where the original is finite always fails.
+    """
+    import json
+
+    from onnxmp.ir import write_text_atomic
+    from onnxmp.validate import failure_hint, validate_files
+
+    flags = dict(max_abs_error=max_abs, max_rel_l2_error=max_rel_l2, min_cosine_similarity=min_cosine, min_top1_agreement=min_top1)
+    with console.status("validating", spinner="dots"):
+        providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if provider == "cuda" else ("CPUExecutionProvider",)
+        report = validate_files(original_model, candidate_model, data_path, policy, gate_overrides=flags, max_batches=max_batches, providers=providers)
+    table = Table(title=f"{candidate_model} vs {original_model}  ({report.batches} batches)")
+    for column in ("output", "elements", "max abs", "rel L2", "cosine", "top-1", "NaN/Inf", "result"):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for name, m in report.outputs.items():
+        top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.4f}"
+        result = "skipped" if m.note else ("pass" if report.output_passed(name) else "[red]FAIL[/red]")
+        table.add_row(name, str(m.count), f"{m.max_abs_error:.3g}", f"{m.rel_l2_error:.3g}", f"{m.cosine_similarity:.6f}", top1, str(m.nonfinite_count), result)
+    out.print(table)
+    if report_path is not None:
+        write_text_atomic(report_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if not report.passed:
+        for line in report.failures:
+            click.echo(f"error: {line}", err=True)
+        click.echo(failure_hint(report), err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

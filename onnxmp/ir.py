@@ -191,19 +191,19 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
 def _uses_external_data(path: Path) -> bool:
     proto = onnx.load_model(str(path), load_external_data=False)
     return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in _all_initializers(proto.graph)
+        t.data_location == onnx.TensorProto.EXTERNAL for t in all_initializers(proto.graph)
     )
 
 
-def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
+                yield from all_initializers(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _all_initializers(sub)
+                    yield from all_initializers(sub)
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool) -> None:
@@ -237,7 +237,7 @@ def _move_weights_out(proto: onnx.ModelProto, folder: Path, data_name: str) -> N
     onnx.save_model's own conversion refuses when a file of that name exists in the *current*
     directory, so the conversion is done here against ``folder`` only.
     """
-    for tensor in _all_initializers(proto.graph):
+    for tensor in all_initializers(proto.graph):
         if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_DATA_THRESHOLD:
             external_data_helper.set_external_data(tensor, data_name)
     external_data_helper.write_external_data_tensors(proto, str(folder))

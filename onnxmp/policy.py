@@ -21,8 +21,18 @@ import jsonschema
 
 from onnxmp.errors import PolicyError
 from onnxmp.pass_manager import TARGETS, Pass, Pipeline, registered_passes
+from onnxmp.validate import VALIDATION_SCHEMA
 
 POLICY_VERSION = 1
+CALIBRATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "data for range statistics (the precision pass's range rules, INT8 scales)",
+    "properties": {
+        "data": {"type": "string", "description": "folder of .npz/.npy batches or one .npz, relative to the policy file"},
+        "cache_dir": {"type": ["string", "null"], "description": "statistics cache folder (null: no cache)"},
+    },
+}
 DEFAULT_PRESET = "fp32"
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -87,6 +97,8 @@ def policy_schema() -> dict[str, Any]:
             "description": {"type": "string"},
             "target": {"enum": list(TARGETS), "default": "cpu"},
             "passes": {"type": "array", "items": _pass_item_schema(passes)},
+            "calibration": CALIBRATION_SCHEMA,
+            "validation": VALIDATION_SCHEMA,
         },
     }
 
@@ -132,6 +144,7 @@ class Policy:
 
     name: str
     data: dict[str, Any]
+    folder: Path | None = None  # where the policy file is: relative data paths start there
 
     @property
     def target(self) -> str:
@@ -151,13 +164,32 @@ class Policy:
             return self
         if target not in TARGETS:
             raise PolicyError(f"target '{target}' is unknown; choose one of {', '.join(TARGETS)}")
-        return Policy(self.name, {**self.data, "target": target})
+        return Policy(self.name, {**self.data, "target": target}, self.folder)
+
+    def section_path(self, section: str) -> Path | None:
+        """The ``data`` path of a policy section, resolved against the policy file's folder."""
+        value = self.data.get(section, {}).get("data")
+        if value is None:
+            return None
+        path = Path(value)
+        return path if path.is_absolute() or self.folder is None else self.folder / path
 
     def build_passes(self) -> list[Pass]:
-        return [_instantiate(spec) for spec in self.data["passes"]]
+        return _instantiate_all(self.data["passes"], f"policy '{self.name}'")
 
     def pipeline(self, **kwargs: Any) -> Pipeline:
         return Pipeline(self.build_passes(), **kwargs)
+
+
+def _instantiate_all(specs: list[dict[str, Any]], source: str) -> list[Pass]:
+    """Passes for ``specs``; an option a pass rejects is reported at its JSON path."""
+    passes = []
+    for index, spec in enumerate(specs):
+        try:
+            passes.append(_instantiate(spec))
+        except PolicyError as exc:
+            raise PolicyError(f"{source}: $.passes[{index}].options.{exc}") from exc
+    return passes
 
 
 def _instantiate(spec: dict[str, Any]) -> Pass:
@@ -197,7 +229,7 @@ def _load_file(path: Path, name: str) -> Policy:
     except OSError as exc:
         raise PolicyError(f"policy '{path}' cannot be read: {exc.strerror}") from exc
     validate_policy_data(data, f"'{path}'")
-    return Policy(name, data)
+    return Policy(name, data, None if path.parent == PRESET_DIR else path.resolve().parent)
 
 
 def preset_names() -> list[str]:
@@ -218,7 +250,7 @@ def passes_from_text(text: str) -> list[Pass]:
         raise PolicyError("the pass pipeline is empty; name at least one pass (see `onnxmp passes`)")
     data = {"version": POLICY_VERSION, "passes": specs}
     validate_policy_data(data, f"pipeline '{text}'")
-    return [_instantiate(spec) for spec in specs]
+    return _instantiate_all(specs, f"pipeline '{text}'")
 
 
 def _parse_pass(item: str) -> dict[str, Any]:

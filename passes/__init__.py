@@ -7,4 +7,5 @@ from onnxmp.passes import (  # noqa: F401
     fold_batchnorm,
     fusion_gemm,
     identity_removal,
+    precision,
 )

@@ -410,7 +410,7 @@ BAD_POLICIES = {
     "unknown-target": ({"version": 1, "target": "gpu", "passes": [GOOD]}, ["$.target", "cpu", "cuda", "tensorrt"]),
     "unknown-key": (
         {"version": 1, "passes": [GOOD], "passses": []},
-        ["$: ", "passses", "allowed: description, passes, target, version"],
+        ["$: ", "passses", "allowed: calibration, description, passes, target, validation, version"],
     ),
     "missing-passes": ({"version": 1}, ["$: ", "'passes' is a required property"]),
     "passes-not-a-list": ({"version": 1, "passes": {"name": "cleanup"}}, ["$.passes", "array"]),

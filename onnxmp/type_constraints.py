@@ -1,0 +1,125 @@
+"""Which inputs and outputs of a node may change element type, read from onnx's operator schemas.
+
+A schema binds each formal parameter to a type variable (``T``) with a list of allowed types, or
+to a fixed type (``tensor(float)``). Tensors bound to the same variable must share a type, so a
+precision change is decided per variable: a variable bound to float32 tensors can move to float16
+(or bfloat16) when the schema allows it for the model's opset; parameters with a fixed type, and
+variables that do not allow the lower type, stay as they are. Integer and bool tensors are never
+touched. Cast, Constant and ConstantOfShape carry their output type in an attribute, handled here
+too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+
+from onnxmp.ir import elem_type, is_omitted
+
+FLOAT32 = TensorProto.FLOAT
+TYPE_NAMES = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
+
+
+@dataclass
+class NodeTyping:
+    """How a node's float32 tensors may change when the node runs in a lower precision."""
+
+    inputs: list[int] = field(default_factory=list)  # input positions that follow the node's precision
+    outputs: list[int] = field(default_factory=list)  # output positions that follow it
+    fixed_inputs: list[int] = field(default_factory=list)  # float32 inputs that must stay float32
+    attribute: str | None = None  # attribute holding the output type ("to", "value")
+    reason: str = ""  # why the node cannot change precision, when it cannot
+
+    @property
+    def convertible(self) -> bool:
+        return bool(self.outputs or self.inputs) and not self.reason
+
+
+@lru_cache(maxsize=None)
+def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def node_typing(node: gs.Node, opset: int, low: int) -> NodeTyping:
+    """The float32 inputs/outputs of ``node`` that would move to type ``low``, per its schema."""
+    domain = "" if node.domain in (None, "", "ai.onnx") else node.domain
+    if node.op == "Cast" and not domain:
+        return _cast_typing(node)
+    if node.op in ("Constant", "ConstantOfShape") and not domain:
+        return _constant_typing(node)
+    schema = _schema(node.op, domain, opset)
+    if schema is None:
+        return NodeTyping(reason=f"no schema for {domain or 'ai.onnx'}.{node.op} at opset {opset}")
+    bindings = _bind(schema, node)
+    if bindings is None:
+        return NodeTyping(reason="inputs or outputs do not fit the schema")
+    constraints = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    typing = NodeTyping()
+    unknown = False
+    for type_str, members in bindings.items():
+        types = {elem_type(tensor) for _, _, tensor in members} - {None}
+        if not types:
+            unknown = True
+            continue
+        if types != {FLOAT32}:  # one variable, one type: known members decide for all
+            continue
+        follows = type_str in constraints and TYPE_NAMES[low] in constraints[type_str]
+        for kind, index, _ in members:
+            if follows:
+                (typing.inputs if kind == "in" else typing.outputs).append(index)
+            elif kind == "in":
+                typing.fixed_inputs.append(index)
+    if unknown and not (typing.inputs or typing.outputs):
+        typing.reason = "element types unknown (shape inference could not type the node)"
+    elif not (typing.inputs or typing.outputs) and typing.fixed_inputs:
+        typing.reason = f"the {node.op} schema allows no {onnx.helper.tensor_dtype_to_np_dtype(low).name} here"
+    return typing
+
+
+def _bind(schema: onnx.defs.OpSchema, node: gs.Node):
+    """``{type_str: [(kind, position, tensor), ...]}`` for the node's present inputs and outputs."""
+    bindings: dict[str, list] = {}
+    for kind, formals, actuals in (("in", schema.inputs, node.inputs), ("out", schema.outputs, node.outputs)):
+        if not formals:
+            if actuals:
+                return None
+            continue
+        for position, tensor in enumerate(actuals):
+            if is_omitted(tensor):
+                continue
+            index = min(position, len(formals) - 1)
+            formal = formals[index]
+            if position >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+                return None
+            type_str = formal.type_str
+            if formal.option == onnx.defs.OpSchema.FormalParameterOption.Variadic and not formal.is_homogeneous:
+                type_str = f"{type_str}#{position}"  # heterogeneous variadic: each its own type
+            bindings.setdefault(type_str, []).append((kind, position, tensor))
+    return bindings
+
+
+def _cast_typing(node: gs.Node) -> NodeTyping:
+    source, target = elem_type(node.inputs[0]), node.attrs.get("to")
+    typing = NodeTyping(attribute="to")
+    if target == FLOAT32:
+        typing.outputs.append(0)
+        if source == FLOAT32:
+            typing.inputs.append(0)  # float32 -> float32: an identity at any precision
+    elif source == FLOAT32:
+        typing.fixed_inputs.append(0)  # float -> int or other: rounding first would change it
+        typing.reason = "casts a float32 value to another type"
+    return typing
+
+
+def _constant_typing(node: gs.Node) -> NodeTyping:
+    value = node.attrs.get("value")
+    if isinstance(value, gs.Constant) and elem_type(value) == FLOAT32:
+        return NodeTyping(outputs=[0], attribute="value")
+    return NodeTyping(reason="not a float32 constant")
