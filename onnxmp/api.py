@@ -126,10 +126,17 @@ def _validate(original: Any, model: Model, policy: Policy, gates: Any, data: Any
         batches = calibration.batches
     else:
         batches = random_batches(specs, count=4, batch_size=2)
-    providers = _validation_providers(policy.target, PROVIDERS)
+    runtime = section.get("runtime", "auto")
+    providers = ("reference",) if runtime == "reference" else _validation_providers(policy.target, PROVIDERS)
     report = validate(original, model.to_proto(), batches, gates, providers, max_batches=section.get("batches"))
     if path is None and calibration is None:
         report.notes.append("validated on random inputs (no validation or calibration data): a smoke test only")
+    if runtime == "auto" and providers == (PROVIDERS["cpu"],) and policy.target != "cpu":
+        report.notes.append(
+            f"validated on onnxruntime's CPU provider, not on the {policy.target} target: it computes float16 "
+            "ops in float32, so overflow in float16 would not show; validate on the target, or set "
+            "validation.runtime to 'reference' for exact float16 arithmetic"
+        )
     return report
 
 

@@ -88,6 +88,15 @@ VALIDATION_SCHEMA: dict[str, Any] = {
             "description": "validation data path; relative paths are resolved against the policy file's folder",
         },
         "batches": {"type": "integer", "minimum": 1, "description": "use at most this many batches"},
+        "runtime": {
+            "enum": ["auto", "onnxruntime", "reference"],
+            "default": "auto",
+            "description": (
+                "auto: onnxruntime on the policy's target when available, else its CPU provider; "
+                "reference: onnx's reference evaluator, which computes every op in the model's own types "
+                "(slow; faithful float16/bfloat16 numerics where onnxruntime's CPU provider computes in float32)"
+            ),
+        },
         "gates": {
             "type": "object",
             "additionalProperties": False,
@@ -503,11 +512,22 @@ class _Runner:
                 proto = onnx.load_model(source)
             proto, self.input_alias, self.output_alias = _widen_bfloat16_io(proto)
             source = proto.SerializeToString()
+        self.note = ""
+        if REFERENCE in providers:
+            self.session = _ReferenceSession(source)
+            self._describe_io()
+            return
         options = ort.SessionOptions()
         options.log_severity_level = 3  # graph optimizations stay at the default level (ORT_ENABLE_ALL)
         try:
             self.session = ort.InferenceSession(source, options, providers=list(providers))
         except Exception as exc:
+            if role == "candidate" and "NOT_IMPLEMENTED" in str(exc) and tuple(providers) == ("CPUExecutionProvider",):
+                # e.g. bfloat16: the CPU provider has no kernels; the reference evaluator runs it exactly.
+                self.session = _ReferenceSession(source)
+                self.note = f"the candidate ran on onnx's reference evaluator: {_first_line(exc)}"
+                self._describe_io()
+                return
             error = ModelLoadError if role == "original" else VerificationError
             hint = ""
             if "NOT_IMPLEMENTED" in str(exc):
@@ -516,6 +536,9 @@ class _Runner:
                     "(e.g. providers=('CUDAExecutionProvider', 'CPUExecutionProvider'), CLI --provider cuda)"
                 )
             raise error(f"onnxruntime cannot load the {role} model: {_first_line(exc)}{hint}") from exc
+        self._describe_io()
+
+    def _describe_io(self) -> None:
         back = {wide: name for name, wide in self.input_alias.items()}
         self.inputs = {back.get(i.name, i.name): (i.name, _ORT_TYPES.get(i.type)) for i in self.session.get_inputs()}
         self.session_outputs = [o.name for o in self.session.get_outputs()]
@@ -540,6 +563,45 @@ class _Runner:
                 f"the candidate failed on batch {index}, where the original ran: {_first_line(exc)}"
             ) from exc
         return dict(zip(self.output_names, values))
+
+
+REFERENCE = "reference"  # a provider name meaning onnx's reference evaluator
+
+
+class _ReferenceSession:
+    """The part of an onnxruntime session the validator uses, run by onnx's reference evaluator.
+
+    The reference evaluator computes each op in its declared types (float16 stays float16), so it
+    shows what a low-precision model does on hardware with native kernels. It is slow: for small
+    models and as a fallback where onnxruntime has no kernel.
+    """
+
+    def __init__(self, model: str | bytes | onnx.ModelProto):
+        from onnx.reference import ReferenceEvaluator
+
+        proto = model if isinstance(model, onnx.ModelProto) else (
+            onnx.load_model(model) if isinstance(model, str) else onnx.load_model_from_string(model)
+        )
+        self.graph = proto.graph
+        self.evaluator = ReferenceEvaluator(proto)
+
+    def get_inputs(self) -> list[Any]:
+        return [_Port(vi) for vi in _graph_inputs(self.graph)]
+
+    def get_outputs(self) -> list[Any]:
+        return [_Port(vi) for vi in self.graph.output]
+
+    def run(self, names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        return [np.asarray(v) for v in self.evaluator.run(names, feeds)]
+
+
+class _Port:
+    """Name and onnxruntime-style type string of a graph input or output."""
+
+    def __init__(self, info: onnx.ValueInfoProto):
+        self.name = info.name
+        numpy_name = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type).name
+        self.type = f"tensor({ {'float32': 'float', 'float64': 'double'}.get(numpy_name, numpy_name) })"
 
 
 def _model_source(model: Any, role: str) -> tuple[str | bytes, onnx.ModelProto]:
@@ -681,6 +743,7 @@ def validate(
     if count == 0:
         raise DataError("the validation data has no batches; give at least one")
     per_output, notes = check_gates(metrics, gates)
+    notes = [runner.note for runner in (first, second) if runner.note] + notes
     data = {
         key: getattr(batches, key) for key in ("description", "digest") if isinstance(getattr(batches, key, None), str)
     }
