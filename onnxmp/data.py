@@ -30,7 +30,7 @@ from onnxmp.ir import Model, elem_type
 
 Batch = dict[str, np.ndarray]
 Dim = Union[int, str, None]
-RANDOM_INT_HIGH = 8  # random integer inputs are drawn from [0, RANDOM_INT_HIGH)
+RANDOM_INT_HIGH = 2  # integers in [0, 2): valid as indices into any table, masks and token types included
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
@@ -189,7 +189,7 @@ class RandomBatches(BatchSource):
     """Random inputs shaped like the model's, for smoke tests only.
 
     Statistics of random data say nothing about real activations, so calibrating on it gives
-    meaningless scales. Floats are standard normal, integers uniform in [0, 8), bools fair coins.
+    meaningless scales. Floats are standard normal, integers uniform in [0, 2) (valid indices for any embedding, mask or token-type table), bools fair coins.
     A symbolic or unknown dimension is ``batch_size`` where it is the first axis of some input,
     otherwise 1. Every iteration yields the same batches.
     """

@@ -48,8 +48,17 @@ class RegionProblem:
     def solve(self) -> set[Hashable]:
         """The vertices on the low-precision side of a minimum cut."""
         low: set[Hashable] = set()
-        for component in self._components():
-            low |= self._solve_component(component)
+        components = self._components()
+        # Bucket the edges by component in one pass: filtering every edge per component is
+        # quadratic in graph size (one component per few nodes).
+        where = {key: index for index, members in enumerate(components) for key in members}
+        buckets: list[list[tuple[Hashable, Hashable, float]]] = [[] for _ in components]
+        for (a, b), cost in self._edges.items():
+            index = where.get(a, where.get(b))
+            if index is not None:
+                buckets[index].append((a, b, cost))
+        for component, edges in zip(components, buckets):
+            low |= self._solve_component(component, edges)
         return low
 
     def _components(self) -> list[list[Hashable]]:
@@ -75,9 +84,10 @@ class RegionProblem:
             components.append(members)
         return components
 
-    def _solve_component(self, members: list[Hashable]) -> set[Hashable]:
+    def _solve_component(self, members: list[Hashable], edges: list | None = None) -> set[Hashable]:
         inside = set(members)
-        edges = [(a, b, c) for (a, b), c in self._edges.items() if a in inside or b in inside]
+        if edges is None:
+            edges = [(a, b, c) for (a, b), c in self._edges.items() if a in inside or b in inside]
         if not any(T in (a, b) for a, b, _ in edges):
             return inside  # nothing pulls towards float32: no casts either way
         network = nx.DiGraph()

@@ -541,8 +541,8 @@ def _random_inputs(session, batch: int, dims: dict[str, int] | None, seed: int) 
             floats = rng.standard_normal(shape, dtype=np.float32)
             array = (floats.view(np.uint32) >> 16).astype(np.uint16)
         elif kind in _INT_TYPES:
-            # Token-id-like values: valid indices for any vocabulary or table of 100 or more.
-            array = rng.integers(0, 100, size=shape).astype(_INT_TYPES[kind])
+            # Values in [0, 2): valid indices for any vocabulary, token-type or mask table.
+            array = rng.integers(0, 2, size=shape).astype(_INT_TYPES[kind])
         elif kind == "tensor(bool)":
             array = rng.random(shape) < 0.5
         else:
@@ -560,7 +560,7 @@ def make_inputs(
     dims: dict[str, int] | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Random inputs for ``session``: N(0, 1) floats in the input's dtype, integers in [0, 100)
+    """Random inputs for ``session``: N(0, 1) floats in the input's dtype, integers in [0, 2)
     (token ids), random bools; bfloat16 inputs come as their uint16 bit patterns.
 
     Shapes: a symbolic or unknown first dimension is ``batch``; a symbolic dimension named in

@@ -22,6 +22,9 @@ from onnxmp.ir import elem_type, is_omitted
 
 FLOAT32 = TensorProto.FLOAT
 TYPE_NAMES = {TensorProto.FLOAT16: "tensor(float16)", TensorProto.BFLOAT16: "tensor(bfloat16)"}
+# Attributes that set an output's element type (EyeLike, Random*, Bernoulli, the window
+# functions, MelWeightMatrix, DequantizeLinear): a float32 value there pins the output.
+TYPE_ATTRIBUTES = ("dtype", "output_datatype", "output_dtype")
 
 
 @dataclass
@@ -50,13 +53,24 @@ def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
 def node_typing(node: gs.Node, opset: int, low: int) -> NodeTyping:
     """The float32 inputs/outputs of ``node`` that would move to type ``low``, per its schema."""
     domain = "" if node.domain in (None, "", "ai.onnx") else node.domain
+    if any(not is_tensor_value(t) for t in list(node.inputs) + list(node.outputs) if not is_omitted(t)):
+        # A sequence's or optional's element type is tied to tensors the schema binds to other
+        # type variables (SplitToSequence, SequenceAt, OptionalGetElement): it cannot be changed alone.
+        return NodeTyping(reason="it reads or writes sequences or optionals")
+    if node.op == "BitCast" and not domain:
+        return NodeTyping(reason="BitCast reinterprets the bits of its input")
     if node.op == "Cast" and not domain:
         return _cast_typing(node)
+    if node.op == "CastLike" and not domain:
+        return _castlike_typing(node)
     if node.op in ("Constant", "ConstantOfShape") and not domain:
         return _constant_typing(node)
     schema = _schema(node.op, domain, opset)
     if schema is None:
         return NodeTyping(reason=f"no schema for {domain or 'ai.onnx'}.{node.op} at opset {opset}")
+    for name in TYPE_ATTRIBUTES:
+        if name in schema.attributes and node.attrs.get(name, _default_int(schema, name)) == FLOAT32:
+            return NodeTyping(reason=f"its attribute '{name}' fixes its output type to float32")
     bindings = _bind(schema, node)
     if bindings is None:
         return NodeTyping(reason="inputs or outputs do not fit the schema")
@@ -81,6 +95,21 @@ def node_typing(node: gs.Node, opset: int, low: int) -> NodeTyping:
     elif not (typing.inputs or typing.outputs) and typing.fixed_inputs:
         typing.reason = f"the {node.op} schema allows no {onnx.helper.tensor_dtype_to_np_dtype(low).name} here"
     return typing
+
+
+def _default_int(schema: onnx.defs.OpSchema, name: str) -> int | None:
+    """An int attribute's default (the window functions' output_datatype is float32 unless set)."""
+    default = schema.attributes[name].default_value
+    return default.i if default.name and default.type == onnx.AttributeProto.INT else None
+
+
+def is_tensor_value(tensor: gs.Tensor) -> bool:
+    """A plain tensor, not a sequence, optional or map (whose dtype onnx-graphsurgeon also keeps)."""
+    return getattr(tensor, "type", "tensor_type") == "tensor_type"
+
+
+def is_float32_tensor(tensor: gs.Tensor) -> bool:
+    return elem_type(tensor) == FLOAT32 and is_tensor_value(tensor)
 
 
 def _bind(schema: onnx.defs.OpSchema, node: gs.Node):
@@ -114,6 +143,23 @@ def _cast_typing(node: gs.Node) -> NodeTyping:
             typing.inputs.append(0)  # float32 -> float32: an identity at any precision
     elif source == FLOAT32:
         typing.fixed_inputs.append(0)  # float -> int or other: rounding first would change it
+        typing.reason = "casts a float32 value to another type"
+    return typing
+
+
+def _castlike_typing(node: gs.Node) -> NodeTyping:
+    """CastLike as Cast, with the target type read from its second input: a float32 value cast
+    to another type must not be rounded to the low type first (CastLike(x, int_like) of 2049.0
+    would give 2048)."""
+    source, target = elem_type(node.inputs[0]), elem_type(node.inputs[1])
+    typing = NodeTyping()
+    if target == FLOAT32:
+        typing.inputs.append(1)
+        typing.outputs.append(0)
+        if source == FLOAT32:
+            typing.inputs.append(0)
+    elif source == FLOAT32:
+        typing.fixed_inputs.append(0)
         typing.reason = "casts a float32 value to another type"
     return typing
 

@@ -31,7 +31,7 @@ from onnxmp.ir import Model, elem_type, is_omitted, set_provenance, subgraphs
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.regions import S, T, RegionProblem
 from onnxmp.shapes import infer_shapes
-from onnxmp.type_constraints import FLOAT32, NodeTyping, node_typing
+from onnxmp.type_constraints import FLOAT32, NodeTyping, is_float32_tensor, node_typing
 
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 LOW_NAMES = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
@@ -55,6 +55,7 @@ REDUCTIONS = {"ReduceSum", "ReduceMean", "ReduceL1", "ReduceL2", "ReduceSumSquar
 HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN", "Attention"}
 CAST_COST, CAST_OVERHEAD, TRAFFIC_GAIN = 6.0, 64.0, 2.0  # bytes moved per element; per-cast launch
 UNKNOWN_ELEMENTS = 1024
+CPU_NO_LOW_REDUCTION = {"ScatterElements", "ScatterND"}  # onnxruntime CPU: no float16 path with a reduction
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Precision(Pass):
             tensor = node.inputs[index]
             if isinstance(tensor, gs.Constant):
                 values = np.abs(np.asarray(tensor.values, dtype=np.float64))
+                values = values[np.isfinite(values)]  # the low types hold inf and NaN exactly (-inf masks)
                 nonzero = values[values > 0]
                 if values.size and values.max() > largest:
                     return f"initializer-range: {tensor.name} reaches {values.max():.3g}"
@@ -213,11 +215,11 @@ def _consumer_sides(user: gs.Node, tensor: gs.Tensor, typings: dict, keys: dict,
 def _float32_tensors(graph: gs.Graph) -> list[gs.Variable]:
     seen: dict[str, gs.Variable] = {}
     for tensor in graph.inputs:
-        if elem_type(tensor) == FLOAT32:
+        if is_float32_tensor(tensor):
             seen[tensor.name] = tensor
     for node in graph.nodes:
         for tensor in node.outputs:
-            if elem_type(tensor) == FLOAT32 and tensor.name:
+            if is_float32_tensor(tensor) and tensor.name:
                 seen[tensor.name] = tensor
     return list(seen.values())
 
@@ -269,6 +271,8 @@ def _no_kernel(node: gs.Node, opset: int, target: str, low: int) -> bool:
     domain = "" if node.domain in (None, "", "ai.onnx") else node.domain
     if node.op in ("Constant", "Cast", "ConstantOfShape") and not domain:
         return False
+    if target == "cpu" and node.op in CPU_NO_LOW_REDUCTION and not domain and node.attrs.get("reduction", "none") != "none":
+        return True  # registered for every type, but its CPU kernel refuses float16 reductions at run time
     return kernel_supports(target, node.op, domain or "ai.onnx", opset, LOW_NAMES[low]) is False
 
 
@@ -288,7 +292,7 @@ class _Retyper:
         self.original = {t.name: FLOAT32 for t in _float32_tensors(self.graph)}
         if not self.keep_io:
             for tensor in self.graph.inputs:
-                if elem_type(tensor) == FLOAT32:
+                if is_float32_tensor(tensor):
                     tensor.dtype = self.low_dtype
         for node in self.graph.nodes:
             if id(node) in self.low_nodes:
@@ -339,7 +343,8 @@ class _Retyper:
     def _convert_constant(self, constant: gs.Constant) -> gs.Constant:
         if constant.name not in self.converted:
             largest, _ = LIMITS[self.low]
-            values = np.clip(np.asarray(constant.values, dtype=np.float32), -largest, largest)
+            values = np.asarray(constant.values, dtype=np.float32)
+            values = np.where(np.isfinite(values), np.clip(values, -largest, largest), values)  # keep +-inf
             name = self.ctx.fresh_name(f"{constant.name}/{LOW_NAMES[self.low]}")
             self.converted[constant.name] = gs.Constant(name, np.asarray(values.astype(self.low_dtype)))
         return self.converted[constant.name]
@@ -362,8 +367,8 @@ class _Retyper:
 
     def _fix_outputs(self) -> None:
         for position, tensor in enumerate(list(self.graph.outputs)):
-            if elem_type(tensor) != self.low or not self.keep_io:
-                continue
+            if elem_type(tensor) != self.low or not self.keep_io or tensor.name not in self.original:
+                continue  # only outputs this pass lowered go back to float32, not native float16 ones
             producer = tensor.inputs[0] if tensor.inputs else None
             if producer is None:
                 continue

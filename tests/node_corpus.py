@@ -112,6 +112,29 @@ def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, Value], session=Non
     return [[np.asarray(x) for x in v] if isinstance(v, list) else np.asarray(v) for v in outputs]
 
 
+def copy_feeds(feeds: dict[str, Value]) -> dict[str, Value]:
+    """A deep copy of ``feeds``, for a run that must not touch a case's shared inputs.
+
+    onnxruntime can write into a fed array: a training-mode BatchNormalization whose running-mean
+    input reaches it through a Cast(float->float16)->Cast(float16->float) pair, which the CPU
+    provider removes, updates the caller's array in place.
+    """
+    return {k: [np.array(x, copy=True) for x in v] if isinstance(v, list) else np.array(v, copy=True) for k, v in feeds.items()}
+
+
+def run_reference(model: onnx.ModelProto, feeds: dict[str, Value]) -> list[Value]:
+    """Run ``model`` with onnx's reference evaluator, which computes each op in its declared type
+    (float16 in float16, where onnxruntime's CPU provider often computes in float32); outputs in
+    graph order. Raises what the evaluator raises (e.g. for an op it does not implement)."""
+    from onnx.reference import ReferenceEvaluator
+
+    wanted = {i.name for i in model.graph.input}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = ReferenceEvaluator(model).run(None, {k: v for k, v in copy_feeds(feeds).items() if k in wanted})
+    return [[np.asarray(x) for x in v] if isinstance(v, list) else np.asarray(v) for v in outputs]
+
+
 @functools.lru_cache(maxsize=None)
 def onnxruntime_limits() -> Limits:
     """Probe the newest IR version and ai.onnx opset onnxruntime accepts (tiny Identity models)."""
