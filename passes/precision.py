@@ -55,6 +55,7 @@ REDUCTIONS = {"ReduceSum", "ReduceMean", "ReduceL1", "ReduceL2", "ReduceSumSquar
 HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN", "Attention"}
 CAST_COST, CAST_OVERHEAD, TRAFFIC_GAIN = 6.0, 64.0, 2.0  # bytes moved per element; per-cast launch
 UNKNOWN_ELEMENTS = 1024
+ADDITIVE = {"Add", "Sub", "Sum"}
 CPU_NO_LOW_REDUCTION = {"ScatterElements", "ScatterND"}  # onnxruntime CPU: no float16 path with a reduction
 
 
@@ -142,6 +143,9 @@ class Precision(Pass):
 
     def _range_reason(self, node: gs.Node, typing: NodeTyping, stats: dict) -> str:
         largest, smallest = LIMITS[self.low]
+        # A tiny addend changes a sum by less than the sum's own rounding: underflow of an input
+        # matters only where it scales the result (Mul, MatMul, Conv, ...), not where it is added.
+        inputs_may_underflow = node.op not in ADDITIVE
         for index in typing.inputs:
             tensor = node.inputs[index]
             if isinstance(tensor, gs.Constant):
@@ -150,15 +154,16 @@ class Precision(Pass):
                 nonzero = values[values > 0]
                 if values.size and values.max() > largest:
                     return f"initializer-range: {tensor.name} reaches {values.max():.3g}"
-                if nonzero.size and np.mean(nonzero < smallest) > self.options.underflow_threshold:
+                if inputs_may_underflow and nonzero.size and np.mean(nonzero < smallest) > self.options.underflow_threshold:
                     return f"initializer-range: {tensor.name} mostly below {smallest:.3g}"
-        for tensor in [node.inputs[i] for i in typing.inputs] + [node.outputs[i] for i in typing.outputs]:
+        observed = [(node.inputs[i], inputs_may_underflow) for i in typing.inputs] + [(node.outputs[i], True) for i in typing.outputs]
+        for tensor, check_underflow in observed:
             seen = stats.get(tensor.name)
             if seen is None:
                 continue
             if seen.absmax > self.options.overflow_threshold * largest:
                 return f"range-overflow: {tensor.name} reaches {seen.absmax:.3g}"
-            if seen.underflow_fraction > self.options.underflow_threshold:
+            if check_underflow and seen.underflow_fraction > self.options.underflow_threshold:
                 return f"range-underflow: {seen.underflow_fraction:.0%} of {tensor.name} below {smallest:.3g}"
         return ""
 

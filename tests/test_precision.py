@@ -230,3 +230,26 @@ def test_low_precision_keeps_trained_accuracy(name, preset, budget):
     assert any(elem_type(t) == low for t in model.graph.tensors().values())
     accuracy = reference_top1(model, inputs, labels, input_name)
     assert abs(accuracy - fp32) <= budget, f"{name}: FP32 {fp32:.4f}, {preset} {accuracy:.4f}"
+
+
+def test_tiny_addends_do_not_keep_a_node_float32_but_tiny_factors_do():
+    tiny = np.full(64, 1e-6, dtype=np.float32)  # below float16's smallest normal 6.1e-5
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["mm"], name="matmul"),
+            helper.make_node("Add", ["mm", "bias"], ["biased"], name="add_bias"),
+            helper.make_node("Mul", ["biased", "scale"], ["y"], name="scale_down"),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [
+            onnx.numpy_helper.from_array(np.eye(64, dtype=np.float32), "w"),
+            onnx.numpy_helper.from_array(tiny, "bias"),
+            onnx.numpy_helper.from_array(tiny, "scale"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    by_name = decisions(lower(model))
+    assert by_name["add_bias"]["precision"] == "float16"
+    assert by_name["scale_down"]["rule"].startswith("initializer-range") and "mostly below" in by_name["scale_down"]["rule"]
