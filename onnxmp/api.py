@@ -12,7 +12,7 @@ from typing import Any, Callable
 import onnx
 
 from onnxmp.errors import ModelSaveError
-from onnxmp.ir import Model, all_initializers, iter_graphs, write_text_atomic
+from onnxmp.ir import Model, iter_graphs, write_text_atomic
 from onnxmp.pass_manager import PassContext, PassRecord, Pipeline
 from onnxmp.policy import Policy, load_policy, preset_names
 
@@ -161,10 +161,12 @@ def optimize(
 
     ``options`` are those of :func:`optimize_model`. Nothing is written unless every step worked.
     """
-    check_output_path(source, destination)
+    model = Model.load(source)
+    inputs = [Path(source), *model.data_files]
+    check_output_path(inputs, destination)
     if report_path is not None:
-        check_output_path(source, report_path)
-    result = optimize_model(Model.load(source), policy, **options)
+        check_output_path(inputs, report_path)
+    result = optimize_model(model, policy, **options)
     result.report["input"], result.report["output"] = str(source), str(destination)
     result.model.save(destination)
     if report_path is not None:
@@ -172,16 +174,17 @@ def optimize(
     return result
 
 
-def check_output_path(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    """Refuse, before any work, an output that would overwrite the input or cannot be written."""
-    src, dst = Path(source), Path(destination)
+def check_output_path(inputs: list[Path], destination: str | os.PathLike) -> None:
+    """Refuse, before any pass runs, an output that would overwrite an input file (the model or
+    its external data) or cannot be written."""
+    src, dst = inputs[0], Path(destination)
     if dst.is_dir():
         raise ModelSaveError(f"output '{dst}' is a folder; give a file name such as {dst / 'model.onnx'}")
     if src.exists() and (dst.resolve() == src.resolve() or (dst.exists() and dst.samefile(src))):
         raise ModelSaveError(f"output '{dst}' is the input model; choose another output path (the input is never modified)")
     # The output's weights may go to '<OUT>.data': neither it nor OUT may be a file of the input.
     for written in (dst, dst.with_name(dst.name + ".data")):
-        for existing in _input_files(src):
+        for existing in inputs:
             if written.resolve() == existing.resolve() or (written.exists() and written.samefile(existing)):
                 raise ModelSaveError(
                     f"output '{dst}' would overwrite '{existing}', a file of the input model; "
@@ -194,24 +197,6 @@ def check_output_path(source: str | os.PathLike, destination: str | os.PathLike)
         raise ModelSaveError(f"cannot write '{dst}': folder '{parent}' does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise ModelSaveError(f"cannot write '{dst}': folder '{parent}' is not writable")
-
-
-def _input_files(src: Path) -> list[Path]:
-    """The input model file and the external data files it refers to."""
-    if not src.is_file():
-        return []
-    try:
-        proto = onnx.load_model(str(src), load_external_data=False)
-    except Exception:  # an unreadable input is reported by Model.load with its own message
-        return [src]
-    locations = {
-        entry.value
-        for tensor in all_initializers(proto.graph)
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return [src] + [src.parent / location for location in sorted(locations)]
 
 
 def op_histogram(model: Model) -> dict[str, int]:

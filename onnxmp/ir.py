@@ -68,8 +68,15 @@ class Model:
     domain: str = ""
     model_version: int = 0
     doc_string: str = ""
-    external_data: bool = False
     source: Path | None = None
+    data_files: list[Path] = field(default_factory=list)  # external data files the source refers to
+    # True while the dtypes and shapes from the last shape inference still hold: the pipeline
+    # clears it whenever a pass changes the graph (code that edits a Model by hand should too).
+    shapes_current: bool = False
+
+    @property
+    def external_data(self) -> bool:
+        return bool(self.data_files)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -78,9 +85,9 @@ class Model:
         if isinstance(source, onnx.ModelProto):
             return cls.from_proto(source)
         path = Path(source)
-        proto = _read_model_file(path)
+        proto, data_files = _read_model_file(path)
         model = cls.from_proto(proto, source=path)
-        model.external_data = _uses_external_data(path)
+        model.data_files = data_files
         return model
 
     @classmethod
@@ -159,7 +166,8 @@ class Model:
 
 
 # -------------------------------------------------------------------- file I/O
-def _read_model_file(path: Path) -> onnx.ModelProto:
+def _read_model_file(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
+    """The model with its external data loaded, and the external data files (read once)."""
     if not path.exists():
         raise ModelLoadError(f"input model '{path}' does not exist; check the path")
     if path.is_dir():
@@ -178,6 +186,7 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
             f"input model '{path}' is not a valid ONNX file (no IR version, graph or opset); "
             "it may be truncated or another format"
         )
+    data_files = external_data_files(proto, path.parent)
     try:
         onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as exc:
@@ -185,14 +194,19 @@ def _read_model_file(path: Path) -> onnx.ModelProto:
             f"input model '{path}' refers to external data that cannot be read ({_first_line(exc)}); "
             "keep the data file next to the model under the name the model records"
         ) from exc
-    return proto
+    return proto, data_files
 
 
-def _uses_external_data(path: Path) -> bool:
-    proto = onnx.load_model(str(path), load_external_data=False)
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in all_initializers(proto.graph)
-    )
+def external_data_files(proto: onnx.ModelProto, folder: Path) -> list[Path]:
+    """The files in ``folder`` that ``proto``'s external initializers point to, sorted."""
+    locations = {
+        entry.value
+        for tensor in all_initializers(proto.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [folder / location for location in sorted(locations)]
 
 
 def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -512,12 +526,15 @@ class NameGenerator:
     """Hands out names not yet used in a model: ``base``, then ``base_1``, ``base_2``, ..."""
 
     def __init__(self, graph: gs.Graph):
-        self._taken: set[str] = set()
-        for g in iter_graphs(graph):
-            self._taken.update(g.tensors().keys())
-            self._taken.update(n.name for n in g.nodes)
+        self._graph = graph
+        self._taken: set[str] | None = None  # read on first use: most passes create no names
 
     def fresh(self, base: str) -> str:
+        if self._taken is None:
+            self._taken = set()
+            for g in iter_graphs(self._graph):
+                self._taken.update(g.tensors().keys())
+                self._taken.update(n.name for n in g.nodes)
         name, counter = base, 0
         while name in self._taken:
             counter += 1

@@ -170,12 +170,15 @@ class Pipeline:
         if self.verify_each:
             _check_precondition(model, verify)
         records = []
+        model.shapes_current = False  # edits made before this run are unknown to it
         for index, pass_ in enumerate(self.passes):
             ctx.names = NameGenerator(model.graph)
             before = model.node_count()
             start = time.perf_counter()
             try:
                 changed = bool(pass_.run(model, ctx))
+                if changed:
+                    model.shapes_current = False
             except (PassError, VerificationError):
                 raise
             except Exception as exc:

@@ -19,7 +19,13 @@ SMALL_INITIALIZER = 4096  # elements; larger initializers are declared by type o
 
 
 def infer_shapes(model: Model) -> None:
-    """Fill in missing dtypes and shapes of the main graph's tensors from onnx shape inference."""
+    """Fill in missing dtypes and shapes of the main graph's tensors from onnx shape inference.
+
+    Skipped when nothing changed the graph since the last inference (``model.shapes_current``).
+    """
+    if model.shapes_current:
+        return
+    model.shapes_current = True
     proto = _lightweight_proto(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
