@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import onnx
 
@@ -161,17 +163,36 @@ def optimize(
 
     ``options`` are those of :func:`optimize_model`. Nothing is written unless every step worked.
     """
-    model = Model.load(source)
-    inputs = [Path(source), *model.data_files]
-    check_output_path(inputs, destination)
-    if report_path is not None:
-        check_output_path(inputs, report_path)
-    result = optimize_model(model, policy, **options)
-    result.report["input"], result.report["output"] = str(source), str(destination)
-    result.model.save(destination)
+    with _collector_paused():
+        model = Model.load(source)
+        inputs = [Path(source), *model.data_files]
+        check_output_path(inputs, destination)
+        if report_path is not None:
+            check_output_path(inputs, report_path)
+        result = optimize_model(model, policy, **options)
+        result.report["input"], result.report["output"] = str(source), str(destination)
+        result.model.save(destination)
     if report_path is not None:
         write_text_atomic(report_path, json.dumps(result.report, indent=2) + "\n")
     return result
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector.
+
+    A graph is millions of small objects; the collector kept walking all of them (a fifth of the
+    time on a 100k-node model). Passes disconnect what they remove, so reference counting frees
+    it; the collector runs once at the end.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.collect()
 
 
 def check_output_path(inputs: list[Path], destination: str | os.PathLike) -> None:

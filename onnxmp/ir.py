@@ -363,6 +363,15 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+def constant_layout(tensor: gs.Tensor) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and numpy dtype of a constant, from its metadata when it is an initializer, so that
+    checking a weight's layout does not load the weight."""
+    if isinstance(tensor, gs.Constant) and tensor.shape is not None and not isinstance(tensor.dtype, int):
+        return tuple(int(d) for d in tensor.shape), np.dtype(tensor.dtype)
+    value = constant_value(tensor)
+    return value.shape, value.dtype
+
+
 def is_constant(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Constant) or (
         producer(tensor) is not None and producer(tensor).op == "Constant"

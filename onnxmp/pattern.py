@@ -36,6 +36,7 @@ import onnx_graphsurgeon as gs
 from onnxmp.ir import (
     Model,
     constant_value,
+    is_constant,
     graph_output_ids,
     iter_graphs,
     make_constant,
@@ -155,7 +156,7 @@ def _match_value(pattern: Any, tensor: gs.Tensor, state: _Attempt) -> None:
         bound = state.bindings.get(pattern.name)
         if bound is not None and bound is not tensor:
             raise _Failure(f"variable '{pattern.name}' would bind two tensors", depth)
-        if pattern.constant and constant_value(tensor) is None:
+        if pattern.constant and not is_constant(tensor):  # metadata only: weights stay unloaded
             raise _Failure(f"'{tensor.name}' is not a constant (for '{pattern.name}')", depth)
         state.bindings[pattern.name] = tensor
         return

@@ -7,6 +7,8 @@ that inference reads) and declares the large ones as typed graph inputs.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -36,6 +38,16 @@ def infer_shapes(model: Model) -> None:
         tensor = tensors.get(info.name)
         if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):
             _merge(tensor, info.type.tensor_type)
+
+
+def infer_shapes_for(model: Model, tensors: Iterable[gs.Tensor]) -> None:
+    """Run shape inference only if one of ``tensors`` lacks its dtype or shape.
+
+    Tensors keep the types and shapes they were given (passes type what they create), so a
+    pass that reads a few tensors need not re-infer the whole graph when those are known.
+    """
+    if any(t.dtype is None or t.shape is None for t in tensors):
+        infer_shapes(model)
 
 
 def _merge(tensor: gs.Variable, tensor_type: onnx.TypeProto.Tensor) -> None:

@@ -13,7 +13,7 @@ from onnx import TensorProto as T
 
 from onnxmp.ir import Model, bypass, elem_type, graph_output_ids, iter_graphs, producer, remove_nodes
 from onnxmp.pass_manager import Pass, PassContext, register
-from onnxmp.shapes import infer_shapes
+from onnxmp.shapes import infer_shapes_for
 
 _FLOATS_FROM_8BIT = {T.FLOAT16, T.BFLOAT16, T.FLOAT, T.DOUBLE}
 _NUMERIC = {
@@ -51,7 +51,10 @@ class CastElimination(Pass):
     preserves_fp32 = True
 
     def run(self, model: Model, ctx: PassContext) -> bool:
-        infer_shapes(model)
+        casts = [n for g in iter_graphs(model.graph) for n in g.nodes if _is_cast(n) and n.inputs]
+        if not casts:
+            return False
+        infer_shapes_for(model, [n.inputs[0] for n in casts])  # input types decide what is lossless
         changed = False
         for graph in list(iter_graphs(model.graph)):
             changed |= _eliminate(graph)

@@ -7,10 +7,10 @@ scalar). Float types only.
 
 from __future__ import annotations
 
-from onnxmp.ir import Model
+from onnxmp.ir import Model, constant_layout, iter_graphs
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.pattern import Const, Match, Rule, rewrite_all
-from onnxmp.shapes import infer_shapes
+from onnxmp.shapes import infer_shapes_for
 
 
 def matmul_add(op, a, b: Const, c: Const):
@@ -23,17 +23,17 @@ def gemm(op, a, b, c):
 
 def gemm_applies(match: Match) -> bool:
     a = match.bindings["a"]
-    weight, bias = match.value("b"), match.value("c")
-    if a.shape is None or len(a.shape) != 2 or weight.ndim != 2:
+    (weight_shape, weight_type), (bias_shape, bias_type) = (constant_layout(match.bindings[k]) for k in "bc")
+    if a.shape is None or len(a.shape) != 2 or len(weight_shape) != 2:
         return False
-    if weight.dtype.kind != "f" or bias.dtype != weight.dtype:
+    if weight_type.kind != "f" or bias_type != weight_type:
         return False
-    features = weight.shape[1]
-    if bias.ndim == 0:
+    features = weight_shape[1]
+    if len(bias_shape) == 0:
         return True
-    if bias.ndim == 1:
-        return bias.shape[0] in (1, features)
-    return bias.ndim == 2 and bias.shape[0] == 1 and bias.shape[1] in (1, features)
+    if len(bias_shape) == 1:
+        return bias_shape[0] in (1, features)
+    return len(bias_shape) == 2 and bias_shape[0] == 1 and bias_shape[1] in (1, features)
 
 
 RULE = Rule("fuse-matmul-add", matmul_add, gemm, when=gemm_applies)
@@ -47,5 +47,5 @@ class FuseMatMulAdd(Pass):
     preserves_fp32 = True
 
     def run(self, model: Model, ctx: PassContext) -> bool:
-        infer_shapes(model)
+        infer_shapes_for(model, [n.inputs[0] for g in iter_graphs(model.graph) for n in g.nodes if n.op == "MatMul"])
         return rewrite_all(model, RULE, ctx)
