@@ -139,6 +139,27 @@ def collect_statistics(
     return stats
 
 
+def stream_tensors(
+    model: onnx.ModelProto, batches: BatchSource, tensors: list[str], progress: bool = True
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Each batch's label and the arrays of ``tensors`` on it, one batch at a time.
+
+    ``tensors`` are float graph inputs or node outputs of the main graph; only they become extra
+    outputs, so onnxruntime hands back nothing else. Inputs are checked as in
+    :func:`collect_statistics`. The session lives until the iteration ends.
+    """
+    specs = {s.name: s for s in input_specs(model)}
+    float_inputs = [n for n, s in specs.items() if s.dtype.name in FLOAT_TYPES]
+    wanted_inputs, wanted_outputs = _split_request(tensors, specs, _node_outputs(model.graph), float_inputs)
+    with _session(_with_outputs(model, wanted_outputs)) as session:
+        fetch = _fetched_outputs(session, wanted_outputs, True)
+        for label, batch in _progress(batches, progress):
+            _check_finite(label, batch, float_inputs)
+            arrays = {n: batch[n] for n in wanted_inputs}
+            arrays.update(_run(session, fetch, label, batch))
+            yield label, arrays
+
+
 def _node_outputs(graph: onnx.GraphProto) -> list[str]:
     names = dict.fromkeys(o for node in graph.node for o in node.output if o)
     return list(names)

@@ -171,9 +171,10 @@ class Pipeline:
             _check_precondition(model, verify)
         records = []
         model.shapes_current = False  # edits made before this run are unknown to it
+        after = model.node_count()
         for index, pass_ in enumerate(self.passes):
             ctx.names = NameGenerator(model.graph)
-            before = model.node_count()
+            before = after
             start = time.perf_counter()
             try:
                 changed = bool(pass_.run(model, ctx))
@@ -186,7 +187,8 @@ class Pipeline:
                     f"pass '{pass_.name}' failed: {type(exc).__name__}: {exc}. "
                     "This is a bug in onnxmp; rerun without this pass (--passes) to get a model"
                 ) from exc
-            record = PassRecord(pass_.name, changed, time.perf_counter() - start, before, model.node_count())
+            after = model.node_count() if changed else before
+            record = PassRecord(pass_.name, changed, time.perf_counter() - start, before, after)
             if self.verify_each:
                 _verify_after(pass_.name, model, verify)
                 record.verified = True

@@ -70,8 +70,8 @@ class FoldConstants(Pass):
         changed = False
         if self.options.fold_shapes:
             measured = [n.inputs[0] for n in model.graph.nodes if n.op in ("Shape", "Size") and n.inputs]
-            if any(static_shape(t) is None for t in measured):
-                infer_shapes(model)  # inference may pin dimensions the model leaves open
+            if any(t.shape is None or None in list(t.shape) for t in measured):
+                infer_shapes(model)  # unknown ranks or dimensions; named (symbolic) ones stay open
             changed |= _fold_static_shapes(model.graph, ctx)
         for graph in list(iter_graphs(model.graph)):
             changed |= _fold_graph(graph, model, ctx, self.options.max_output_elements)

@@ -1,0 +1,462 @@
+"""Quantization calibration: histograms against numpy, range methods against brute force,
+parameters against onnxruntime's formulas, and the export formats read back by their readers."""
+
+from __future__ import annotations
+
+import json
+import struct
+import tracemalloc
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import onnxmp.calibration as calibration
+import onnxmp.quant_calibration as qc
+from conftest import MODELS, REPO
+from onnxmp.data import input_specs, load_batches
+from onnxmp.errors import DataError, OnnxmpError
+from onnxmp.quant_calibration import (
+    METHODS,
+    TensorHistogram,
+    collect_histograms,
+    entropy_threshold,
+    minmax_threshold,
+    mse_threshold,
+    percentile_threshold,
+    quantization_params,
+    read_ort_quant_overrides,
+    write_ort_quant_overrides,
+    write_ort_trt_calibration_table,
+    write_tensorrt_calibration_cache,
+)
+
+DIGITS = MODELS / "digits_cnn.onnx"
+DIGITS_CALIB = REPO / "fixtures" / "data" / "digits_calib"
+DIGITS_RELU = "/block1/block1.2/Relu_output_0"
+
+
+def histogram_of(*arrays: np.ndarray, bins: int = 2048) -> TensorHistogram:
+    histogram = TensorHistogram("t", bins)
+    for index, array in enumerate(arrays):
+        histogram.update(array, f"batch {index}")
+    return histogram
+
+
+def gaussian_with_outliers(size: int = 1_000_000, seed: int = 0) -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+    values[:20] = np.linspace(-30.0, 40.0, 20)
+    return values
+
+
+def uniform(size: int = 1_000_000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-3.0, 3.0, size).astype(np.float32)
+
+
+def probe_model() -> onnx.ModelProto:
+    """x: f32[N,4] -> relu, root (Sqrt: NaN for x < 0), scaled (x*3) -> y = relu + scaled."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["relu"], name="relu"),
+        helper.make_node("Sqrt", ["x"], ["root"], name="root"),
+        helper.make_node("Mul", ["x", "three"], ["scaled"], name="scaled"),
+        helper.make_node("Add", ["relu", "scaled"], ["y"], name="y"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def save_probe_batches(folder, count: int = 3, scale: float = 1.0) -> list[np.ndarray]:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    arrays = [(rng.standard_normal((5, 4)) * scale * (index + 1)).astype(np.float32) for index in range(count)]
+    for index, x in enumerate(arrays):
+        np.savez(folder / f"batch_{index:03d}.npz", x=x)
+    return arrays
+
+
+def digits_batches():
+    return load_batches(DIGITS_CALIB, input_specs(onnx.load(DIGITS)))
+
+
+# ------------------------------------------------------------------------------ TensorHistogram
+def test_merging_batches_equals_one_histogram_of_all_the_data():
+    rng = np.random.default_rng(0)
+    scales = (1e-3, 1.0, 0.5, 7e2)
+    parts = [np.zeros(100, np.float32)] + [rng.standard_normal(10_000).astype(np.float32) * s for s in scales]
+    merged = histogram_of(*parts)
+    whole = np.concatenate(parts)
+    assert np.array_equal(merged.counts, histogram_of(whole).counts)
+    assert np.array_equal(merged.counts, histogram_of(*parts[::-1]).counts)  # order does not matter
+    reference, _ = np.histogram(np.abs(whole.astype(np.float64)), bins=2048, range=(0.0, merged.range))
+    assert np.array_equal(merged.counts, reference)
+    assert merged.range / 2 <= merged.absmax < merged.range and np.log2(merged.range).is_integer()
+    assert (merged.count, merged.zeros) == (whole.size, 100)
+    assert (merged.min, merged.max) == (float(whole.min()), float(whole.max()))
+
+
+def test_histogram_size_does_not_grow_with_the_number_of_batches():
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal(20_000).astype(np.float32) * (1 + index) for index in range(64)]
+
+    def peak(count: int) -> int:
+        histogram = TensorHistogram("t")
+        tracemalloc.start()
+        for batch in batches[:count]:
+            histogram.update(batch, "b")
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert histogram.counts.shape == (2048,)
+        return top
+
+    assert peak(64) < peak(4) + 64 * 1024
+
+
+def test_all_zero_and_empty_arrays():
+    histogram = histogram_of(np.zeros(10, np.float32), np.zeros(0, np.float32))
+    assert (histogram.range, histogram.count, histogram.zeros, histogram.counts[0]) == (0.0, 10, 10, 10)
+    assert histogram.absmax == 0.0 and histogram.clip_fraction(0.0) == 0.0
+    histogram.update(np.array([0.0, 3.0], np.float32), "b")  # zeros stay in bin 0 when a range appears
+    assert (histogram.range, histogram.counts[0], histogram.counts[1536]) == (4.0, 11, 1)
+
+
+def test_extreme_magnitudes_bin_exactly():
+    tiny = np.array([1e-40, -3e-39, 0.0], np.float32)  # subnormal: bins / range overflows float32
+    histogram = histogram_of(tiny)
+    reference, _ = np.histogram(np.abs(tiny.astype(np.float64)), bins=2048, range=(0.0, histogram.range))
+    assert np.array_equal(histogram.counts, reference)
+    histogram.update(np.array([3e38], np.float32), "b")
+    assert histogram.range == 2.0**128 and histogram.counts[0] == 3 and histogram.counts.sum() == 4
+
+
+def test_nan_or_inf_in_a_tensor_names_it_and_the_batch():
+    histogram = TensorHistogram("conv/out")
+    for bad in (np.nan, np.inf):
+        with pytest.raises(DataError, match=r"tensor 'conv/out' holds 1 NaN or Inf values on calibration batch 'b7'"):
+            histogram.update(np.array([1.0, bad], np.float32), "b7")
+    assert histogram.count == 0
+
+
+@pytest.mark.parametrize("bins", [100, 256, 3000])
+def test_bins_must_be_a_large_power_of_two(bins):
+    with pytest.raises(OnnxmpError, match="power of two of at least 512 bins"):
+        TensorHistogram("t", bins)
+
+
+def test_binning_ten_million_values_counts_every_value():
+    values = np.random.default_rng(0).standard_normal(10_000_000).astype(np.float32)
+    histogram = TensorHistogram("t")
+    histogram.update(values, "b")
+    assert histogram.counts.sum() == values.size
+
+
+def test_clip_fraction_reads_the_histogram():
+    values = gaussian_with_outliers()
+    histogram = histogram_of(values)
+    for threshold in (0.5, 2.0, 3.3, 10.0):
+        expected = np.mean(np.abs(values) > threshold)
+        assert histogram.clip_fraction(threshold) == pytest.approx(expected, rel=0.01, abs=2e-6)
+    assert histogram.clip_fraction(histogram.absmax) == 0.0
+
+
+# ------------------------------------------------------------------------------ collection
+def test_collect_histograms_matches_histograms_of_the_arrays(tmp_path):
+    arrays = save_probe_batches(tmp_path)
+    model = probe_model()
+    batches = load_batches(tmp_path, input_specs(model))
+    histograms = collect_histograms(model, batches, ["relu", "x", "y"], progress=False)
+    assert list(histograms) == ["relu", "x", "y"]
+    x = np.concatenate(arrays)
+    expected = {"x": x, "relu": np.maximum(x, 0), "y": np.maximum(x, 0) + x * np.float32(3)}
+    for name, values in expected.items():
+        assert np.array_equal(histograms[name].counts, histogram_of(values).counts), name
+        assert (histograms[name].min, histograms[name].max) == pytest.approx((values.min(), values.max()))
+
+
+def test_only_the_requested_tensors_are_fetched(tmp_path, monkeypatch):
+    save_probe_batches(tmp_path)
+    model = probe_model()
+    exposed = []
+    original = calibration._with_outputs
+    monkeypatch.setattr(calibration, "_with_outputs", lambda m, names: exposed.extend(names) or original(m, names))
+    collect_histograms(model, load_batches(tmp_path, input_specs(model)), ["relu"], progress=False)
+    assert exposed == ["relu"]
+
+
+def test_nan_computed_by_the_model_names_tensor_and_batch(tmp_path):
+    save_probe_batches(tmp_path)
+    model = probe_model()
+    message = r"tensor 'root' holds \d+ NaN or Inf values on calibration batch 'batch_000.npz'"
+    with pytest.raises(DataError, match=message):
+        collect_histograms(model, load_batches(tmp_path, input_specs(model)), ["root"], progress=False)
+
+
+def test_nan_in_the_data_names_input_and_batch(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    np.savez(tmp_path / "batch_000.npz", x=np.array([[1.0, np.nan, 0.0, 2.0]], np.float32))
+    model = probe_model()
+    with pytest.raises(DataError, match="batch 'batch_000.npz': input 'x' holds 1 NaN"):
+        collect_histograms(model, load_batches(tmp_path, input_specs(model)), ["relu"], progress=False)
+
+
+def test_histograms_are_cached_and_reused(tmp_path, monkeypatch):
+    model, batches = onnx.load(DIGITS), digits_batches()
+    first = collect_histograms(model, batches, ["x", DIGITS_RELU], progress=False, cache_dir=tmp_path)
+    [cache_file] = tmp_path.glob("histograms-2048-*.json")
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(qc, "stream_tensors", no_inference)
+    again = collect_histograms(model, batches, [DIGITS_RELU, "x"], progress=False, cache_dir=tmp_path)
+    for name in first:
+        assert np.array_equal(again[name].counts, first[name].counts)
+        assert again[name].to_json() == first[name].to_json()
+    cache_file.write_text("{broken", encoding="utf-8")
+    monkeypatch.undo()
+    assert collect_histograms(model, batches, ["x"], progress=False, cache_dir=tmp_path)["x"].count == first["x"].count
+
+
+# ------------------------------------------------------------------------------ range methods
+def test_methods_clip_outliers_of_a_gaussian():
+    histogram = histogram_of(gaussian_with_outliers())
+    assert minmax_threshold(histogram) == 40.0
+    assert percentile_threshold(histogram, 99.99) == pytest.approx(3.89, abs=0.05)
+    assert percentile_threshold(histogram, 99.0) == pytest.approx(2.576, abs=0.02)
+    assert percentile_threshold(histogram, 100.0) == 40.0
+    assert 2.5 < entropy_threshold(histogram) < 20.0
+    assert 2.5 < mse_threshold(histogram) < 20.0
+    assert mse_threshold(histogram, "float8e4m3fn") > mse_threshold(histogram)  # relative precision: range is cheap
+
+
+def test_methods_keep_nearly_the_whole_range_of_a_uniform_distribution():
+    histogram = histogram_of(uniform())
+    assert minmax_threshold(histogram) == pytest.approx(3.0, abs=1e-4)
+    assert percentile_threshold(histogram) == pytest.approx(3.0, rel=1e-3)
+    assert entropy_threshold(histogram) == pytest.approx(3.0, rel=0.03)
+    assert mse_threshold(histogram) == pytest.approx(3.0, rel=0.02)
+
+
+def test_exact_zeros_do_not_pull_thresholds_down():
+    values = np.maximum(gaussian_with_outliers(), 0)  # half the values are exact zeros
+    with_zeros, without = histogram_of(values), histogram_of(values[values > 0])
+    unsigned = {"dtype": "uint8", "symmetric": False}
+    assert entropy_threshold(with_zeros, **unsigned) == entropy_threshold(without, **unsigned)
+    assert mse_threshold(with_zeros) == mse_threshold(without)
+    assert percentile_threshold(with_zeros, 40.0) == 0.0
+
+
+def quantize_int8(values: np.ndarray, threshold: float) -> np.ndarray:
+    scale = threshold / 127
+    return np.clip(np.rint(values / scale), -127, 127) * scale
+
+
+def quantize_fp8(values: np.ndarray, threshold: float) -> np.ndarray:
+    scale = threshold / 448
+    return np.clip(values / scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * scale
+
+
+@pytest.mark.parametrize("dtype, quantize", [("int8", quantize_int8), ("float8e4m3fn", quantize_fp8)])
+def test_mse_threshold_matches_a_brute_force_search(dtype, quantize):
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.laplace(size=300_000), rng.uniform(-40, 40, 100)]).astype(np.float32)
+    histogram = histogram_of(values)
+
+    def error(threshold: float) -> float:
+        return float(np.mean((quantize(values.astype(np.float64), threshold) - values) ** 2))
+
+    sweep = np.linspace(0.5, histogram.absmax, 300)
+    best = min(error(t) for t in sweep)
+    assert error(mse_threshold(histogram, dtype)) <= best * 1.005
+
+
+def naive_kl(counts: np.ndarray, edge: int, levels: int) -> float:
+    """TensorRT's recipe written out bin by bin."""
+    reference = counts[:edge].copy()
+    reference[-1] += counts[edge:].sum()
+    group = np.arange(edge) * levels // edge
+    candidate = np.zeros(edge)
+    for k in range(levels):
+        members, nonempty = group == k, (group == k) & (counts[:edge] > 0)
+        if nonempty.any():
+            candidate[nonempty] = counts[:edge][members].sum() / nonempty.sum()
+    p, q = reference / reference.sum(), candidate / candidate.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.where(p > 0, p * np.log(p / q), 0.0).sum())
+
+
+def test_vectorized_kl_divergence_equals_the_bin_by_bin_recipe():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.exponential(50, 600) * (rng.random(600) > 0.2)).astype(np.float64)
+    edges = np.arange(128, 601)
+    fast = qc._kl_divergences(counts, edges, 128)
+    slow = np.array([naive_kl(counts, edge, 128) for edge in edges])
+    assert np.array_equal(np.isinf(fast), np.isinf(slow))
+    finite = np.isfinite(slow)
+    assert np.allclose(fast[finite], slow[finite], rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ parameters
+def ort_scale_zero_point(low: float, high: float, qmin: int, qmax: int, symmetric: bool) -> tuple[float, int]:
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    zero_point, scale = compute_scale_zp(np.float32(low), np.float32(high), np.int32(qmin), np.int32(qmax), symmetric)
+    return float(scale), int(zero_point)
+
+
+@pytest.mark.parametrize("dtype, symmetric, qrange", [
+    ("int8", True, (-127, 127)), ("int8", False, (-128, 127)), ("uint8", False, (0, 255)), ("uint8", True, (0, 255)),
+])
+@pytest.mark.parametrize("values", [gaussian_with_outliers(10_000) + 1.5, np.maximum(uniform(10_000), 0)])
+def test_minmax_parameters_follow_onnxruntime(dtype, symmetric, qrange, values):
+    params = quantization_params({"t": histogram_of(values)}, "minmax", symmetric=symmetric, dtype=dtype)["t"]
+    scale, zero_point = ort_scale_zero_point(values.min(), values.max(), *qrange, symmetric)
+    assert params.scale == pytest.approx(scale, rel=1e-6)
+    assert params.zero_point == zero_point
+    assert params.clip_fraction == 0.0 and params.method == "minmax" and params.dtype == dtype
+
+
+def test_asymmetric_clipped_range():
+    values = gaussian_with_outliers()
+    histograms = {"t": histogram_of(values)}
+    params = quantization_params(histograms, "percentile", symmetric=False, dtype="uint8", percentile=99.9)["t"]
+    assert (params.low, params.high) == (-params.threshold, params.threshold)
+    assert params.scale == pytest.approx(2 * params.threshold / 255, rel=1e-6)
+    assert params.zero_point == round(-params.low / params.scale)
+    assert params.clip_fraction == pytest.approx(0.001, rel=0.02)
+    relu_histograms = {"t": histogram_of(np.maximum(values, 0))}
+    relu = quantization_params(relu_histograms, "minmax", symmetric=False, dtype="uint8")["t"]
+    assert (relu.low, relu.zero_point, relu.scale) == (0.0, 0, pytest.approx(40.0 / 255))
+
+
+def test_float8_scale_and_symmetry():
+    histogram = histogram_of(gaussian_with_outliers())
+    params = quantization_params({"t": histogram}, "minmax", dtype="float8e4m3fn")["t"]
+    assert (params.scale, params.zero_point) == (pytest.approx(40.0 / 448), 0)
+    with pytest.raises(OnnxmpError, match="symmetric only"):
+        quantization_params({"t": histogram}, "minmax", symmetric=False, dtype="float8e4m3fn")
+    with pytest.raises(OnnxmpError, match="entropy calibration compares against evenly spaced levels"):
+        quantization_params({"t": histogram}, "entropy", dtype="float8e4m3fn")
+
+
+@pytest.mark.parametrize("values", [np.zeros(100, np.float32), np.zeros(0, np.float32), np.full(5, 1e-44, np.float32)])
+@pytest.mark.parametrize("dtype, symmetric", [("int8", True), ("uint8", False), ("float8e4m3fn", True)])
+def test_zero_range_gets_scale_one(values, dtype, symmetric):
+    for method in METHODS if dtype != "float8e4m3fn" else ("minmax", "percentile", "mse"):
+        params = quantization_params({"t": histogram_of(values)}, method, symmetric=symmetric, dtype=dtype)["t"]
+        assert (params.scale, params.zero_point, params.clip_fraction) == (1.0, 0, 0.0)
+
+
+def test_unknown_options_are_refused():
+    histogram = histogram_of(uniform(100))
+    with pytest.raises(OnnxmpError, match="unknown calibration method 'kl'"):
+        quantization_params({"t": histogram}, "kl")
+    with pytest.raises(OnnxmpError, match="unknown quantization type 'int4'"):
+        quantization_params({"t": histogram}, "minmax", dtype="int4")
+    with pytest.raises(OnnxmpError, match=r"percentile must be in \(0, 100\]"):
+        quantization_params({"t": histogram}, "percentile", percentile=100.5)
+
+
+# ------------------------------------------------------------------------------ exports
+@pytest.fixture(scope="module")
+def digits_params():
+    tensors = ["x", DIGITS_RELU, "/Add_output_0"]
+    histograms = collect_histograms(onnx.load(DIGITS), digits_batches(), tensors, progress=False)
+    params = quantization_params(histograms, "entropy")
+    params["zero"] = quantization_params({"zero": histogram_of(np.zeros(3, np.float32))}, "minmax")["zero"]
+    return params
+
+
+def test_tensorrt_calibration_cache_round_trip(tmp_path, digits_params):
+    path = tmp_path / "calibration.cache"
+    write_tensorrt_calibration_cache(digits_params, path, tensorrt_version="10.3.0")
+    header, *lines = path.read_text(encoding="utf-8").splitlines()
+    assert header == "TRT-100300-EntropyCalibration2"
+    scales = {}
+    for line in lines:  # as onnxruntime's TensorRT provider reads it: up to ':', then hex bits
+        name, digits = line.split(":")
+        scales[name] = struct.unpack(">f", bytes.fromhex(digits.strip()))[0]
+    assert list(scales) == list(digits_params)
+    for name, params in digits_params.items():
+        expected = np.float32(params.threshold / 127) if params.threshold else 1.0
+        assert scales[name] == expected
+    assert scales[DIGITS_RELU] == np.float32(digits_params[DIGITS_RELU].scale)
+
+
+@pytest.mark.parametrize("version, code", [("8.6.1", 8601), ("7.1.3.4", 7103), ("10.3.0", 100300), ("10", 100000)])
+def test_tensorrt_cache_header_versions(tmp_path, version, code):
+    write_tensorrt_calibration_cache({}, tmp_path / "c", tensorrt_version=version, algorithm="MinMaxCalibration")
+    assert (tmp_path / "c").read_text(encoding="utf-8") == f"TRT-{code}-MinMaxCalibration\n"
+
+
+def test_tensorrt_cache_refuses_line_breaks_in_names(tmp_path, digits_params):
+    with pytest.raises(DataError, match=r"tensor 'a\\nb' has a line break"):
+        write_tensorrt_calibration_cache({"a\nb": digits_params["x"]}, tmp_path / "c", tensorrt_version="10.0.0")
+    assert not (tmp_path / "c").exists()
+
+
+def test_writing_into_a_missing_folder_names_the_file(tmp_path, digits_params):
+    for write in (write_tensorrt_calibration_cache, write_ort_trt_calibration_table, write_ort_quant_overrides):
+        with pytest.raises(OnnxmpError, match="cannot write '.*missing/out'"):
+            write(digits_params, tmp_path / "missing" / "out")
+
+
+def test_ort_flatbuffers_table_round_trip(tmp_path, digits_params):
+    from onnxruntime.quantization.CalTableFlatBuffers.TrtTable import TrtTable
+
+    path = tmp_path / "calibration.flatbuffers"
+    write_ort_trt_calibration_table(digits_params, path)
+    table = TrtTable.GetRootAs(path.read_bytes(), 0)
+    ranges = {table.Dict(i).Key().decode(): float(table.Dict(i).Value()) for i in range(table.DictLength())}
+    assert list(ranges) == list(digits_params)
+    for name, params in digits_params.items():
+        assert ranges[name] == pytest.approx(params.threshold if params.threshold else 127.0, rel=1e-6)
+
+
+def test_ort_quant_overrides_round_trip_through_quantize_static(tmp_path, digits_params):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.tensor_quant_overrides import TensorQuantOverridesHelper
+
+    path = tmp_path / "overrides.json"
+    write_ort_quant_overrides(digits_params, path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert raw[DIGITS_RELU] == [{"scale": digits_params[DIGITS_RELU].scale, "zero_point": 0, "quant_type": "QInt8"}]
+    overrides = read_ort_quant_overrides(path)
+    assert overrides["x"][0]["quant_type"] is QuantType.QInt8
+    assert overrides["x"][0]["zero_point"].dtype == np.int8
+
+    del overrides["zero"]  # not a tensor of the model
+    model = onnx.load(DIGITS)
+    helper_ = TensorQuantOverridesHelper(overrides)
+    activations = {o for node in model.graph.node for o in node.output} | {"x"}
+    initializers = {t.name: t for t in model.graph.initializer}
+    assert helper_.is_valid(initializers, activations, QuantType.QInt8) == (True, None)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(digits_batches())
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    output = tmp_path / "q.onnx"
+    quantize_static(DIGITS, output, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, extra_options={"TensorQuantOverrides": overrides})
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(output).graph.initializer}
+    for name in ("x", DIGITS_RELU):
+        assert values[f"{name}_scale"] == np.float32(digits_params[name].scale)
+        assert values[f"{name}_zero_point"] == digits_params[name].zero_point
+
+
+def test_unreadable_overrides_name_the_file(tmp_path):
+    path = tmp_path / "o.json"
+    path.write_text('{"x": [{"scale": 1.0, "zero_point": 0, "quant_type": "QInt3"}]}', encoding="utf-8")
+    with pytest.raises(DataError, match="'.*o.json' is not a quantization overrides file"):
+        read_ort_quant_overrides(path)
