@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from onnxmp.errors import PassError, VerificationError
+from onnxmp.errors import OnnxmpError, PassError, VerificationError
 from onnxmp.ir import TWO_GB, Model, NameGenerator, save_proto, weight_bytes
 
 TARGETS = ("cpu", "cuda", "tensorrt")
@@ -180,7 +180,7 @@ class Pipeline:
                 changed = bool(pass_.run(model, ctx))
                 if changed:
                     model.shapes_current = False
-            except (PassError, VerificationError):
+            except OnnxmpError:  # already says what is wrong (bad data, a failed check, ...)
                 raise
             except Exception as exc:
                 raise PassError(

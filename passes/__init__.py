@@ -8,4 +8,6 @@ from onnxmp.passes import (  # noqa: F401
     fusion_gemm,
     identity_removal,
     precision,
+    qdq_insertion,
+    scale_folding,
 )

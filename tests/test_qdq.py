@@ -1,0 +1,328 @@
+"""INT8 for the CPU target: qdq-insertion placement (goldens), what onnxruntime fuses, accuracy on
+the trained digits CNN, bad calibration data, the latency check, and scale-folding."""
+
+from __future__ import annotations
+
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import MODELS, REPO
+from helpers import session
+from onnxmp.api import optimize, optimize_model
+from onnxmp.dump import dump_model
+from onnxmp.errors import DataError, PassError, PolicyError
+from onnxmp.ir import Model, provenance
+from onnxmp.pass_manager import Pipeline
+from onnxmp.shapes import infer_shapes
+
+DATA = REPO / "fixtures" / "data"
+PIPELINE = "cleanup,fold-constants,fold-batchnorm,fuse-matmul-add,qdq-insertion,scale-folding,cleanup"
+TRAINED_CALIBRATION = {"digits_cnn": DATA / "digits_calib", "tiny_transformer": DATA / "tiny_transformer_calib"}
+GOLDEN_FIXTURES = ["digits_cnn", "cnn_bn_residual", "tiny_transformer", "transformer_block", "matmul_add", "batchnorm_gemm"]
+INTEGER_KERNELS = ("QLinear", "QGemm", "MatMulInteger")
+
+
+def calibration_folder(tmp_path, model: onnx.ModelProto | str, batches: int = 3, seed: int = 0):
+    """Deterministic N(0, 1) calibration batches for every input (symbolic dimensions: 2)."""
+    proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
+    rng = np.random.default_rng(seed)
+    folder = tmp_path / f"calib_{seed}"
+    if folder.exists():
+        return folder
+    folder.mkdir()
+    for index in range(batches):
+        arrays = {}
+        for info in proto.graph.input:
+            shape = [d.dim_value if d.HasField("dim_value") else 2 for d in info.type.tensor_type.shape.dim]
+            dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+            arrays[info.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+        np.savez(folder / f"batch_{index:03d}.npz", **arrays)
+    return folder
+
+
+def quantize(fixture: str, tmp_path, passes: str = PIPELINE, **kwargs):
+    path = MODELS / f"{fixture}.onnx"
+    data = TRAINED_CALIBRATION.get(fixture) or calibration_folder(tmp_path, path)
+    return optimize_model(path, passes=passes, calibration_data=data, calibration_cache=tmp_path / "cache", verify_each=True, **kwargs)
+
+
+def fused_ops(model: Model) -> collections.Counter:
+    """Op counts of the graph onnxruntime's CPU provider runs after all its optimizations."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return collections.Counter(n.op_type for n in optimized.graph.node)
+
+
+def node_decisions(result) -> dict[str, dict]:
+    return {d["node"]: d for d in result.report["decisions"] if d.get("pass") == "qdq-insertion" and "node" in d}
+
+
+# ------------------------------------------------------------------ placement goldens and validity
+@pytest.mark.parametrize("fixture", GOLDEN_FIXTURES)
+def test_qdq_golden(fixture, tmp_path, golden):
+    golden.check(f"qdq-insertion/{fixture}.txt", dump_model(quantize(fixture, tmp_path).model))
+
+
+@pytest.mark.parametrize("fixture", sorted(p.stem for p in MODELS.glob("*.onnx")))
+def test_every_fixture_gives_a_valid_model_that_runs(fixture, tmp_path):
+    result = quantize(fixture, tmp_path)  # verify_each: onnx.checker full check + onnxruntime load
+    proto = result.model.to_proto()
+    onnx.checker.check_model(proto, full_check=True)
+    optimized = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for spec in optimized.get_inputs():
+        shape = [d if isinstance(d, int) else 2 for d in spec.shape]
+        feeds[spec.name] = rng.standard_normal(shape).astype(np.float32) if "float" in spec.type else np.zeros(shape, bool if "bool" in spec.type else np.int32)
+    for value in optimized.run(None, feeds):
+        assert np.isfinite(value).all() or fixture == "constant_subgraph"
+
+
+def test_weights_are_stored_quantized_and_biases_int32(tmp_path):
+    model = quantize("digits_cnn", tmp_path).model
+    for node in model.graph.nodes:
+        if node.op in ("Conv", "Gemm"):
+            weight_dq, bias_dq = (t.inputs[0] for t in node.inputs[1:3])
+            assert weight_dq.op == bias_dq.op == "DequantizeLinear"
+            assert weight_dq.inputs[0].dtype == np.int8 and bias_dq.inputs[0].dtype == np.int32
+            assert weight_dq.attrs.get("axis") == 0  # per output channel (Gemm transB=1: axis 0 too)
+            assert isinstance(weight_dq.inputs[0], gs.Constant)  # an initializer, not a float weight behind Q
+
+
+def test_onnxruntime_fuses_every_quantized_node_into_integer_kernels(tmp_path):
+    ops = fused_ops(quantize("digits_cnn", tmp_path).model)
+    assert ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1
+    assert ops["QLinearGlobalAveragePool"] == 1
+    assert ops["DequantizeLinear"] == 0 and ops["QuantizeLinear"] == 1  # only the input is quantized
+    assert ops["Conv"] == ops["Relu"] == ops["Add"] == 0
+
+
+def test_placement_rules_are_reported(tmp_path):
+    result = quantize("digits_cnn", tmp_path)
+    decisions = node_decisions(result)
+    rules = collections.Counter((d["op"], d["rule"]) for d in decisions.values())
+    assert rules[("Conv", "quantized")] == 3 and rules[("Relu", "absorbed-by-q")] == 3
+    assert rules[("MaxPool", "quantized")] == 1 and rules[("Gemm", "quantized")] == 1
+    tensors = [d for d in result.report["decisions"] if d.get("pass") == "qdq-insertion" and "tensor" in d]
+    activations = [d for d in tensors if d["role"] == "activation"]
+    assert activations and all(d["method"] == "minmax" and d["clip_fraction"] == 0.0 and d["scale"] > 0 for d in activations)
+    assert {d["role"] for d in tensors} == {"activation", "weight", "bias"}
+    weights = [d for d in tensors if d["role"] == "weight"]
+    assert all(d["method"] == "absmax-per-channel" and len(d["scale"]) > 1 for d in weights)
+    assert {d["tensor"] for d in activations} >= {"x"}
+
+
+def test_transformer_keeps_ops_outside_the_integer_region_float(tmp_path):
+    result = quantize("tiny_transformer", tmp_path)
+    decisions = node_decisions(result)
+    assert any(d["op"] == "MatMul" and d["precision"] == "int8" for d in decisions.values())
+    region = [d for d in decisions.values() if d["rule"].startswith("outside-region")]
+    assert region, "lone Add/Reshape/Transpose nodes are not quantized"
+    ops = fused_ops(result.model)
+    assert sum(c for op, c in ops.items() if op.startswith(INTEGER_KERNELS)) >= 8
+
+
+def test_digits_int8_top1_within_half_a_point_of_fp32(tmp_path):
+    held = np.load(DATA / "digits_heldout.npz")
+    fp32 = ort.InferenceSession(str(MODELS / "digits_cnn.onnx"), providers=["CPUExecutionProvider"])
+    int8_model = quantize("digits_cnn", tmp_path).model.to_proto()
+    int8 = ort.InferenceSession(int8_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = fp32.run(None, {"x": held["x"]})[0].argmax(1)
+    got = int8.run(None, {"x": held["x"]})[0].argmax(1)
+    accuracy_fp32 = float(np.mean(want == held["labels"]))
+    accuracy_int8 = float(np.mean(got == held["labels"]))
+    assert abs(accuracy_fp32 - accuracy_int8) <= 0.005
+    assert np.mean(want == got) >= 0.99
+
+
+def test_int8_cpu_preset_validates_and_reports(tmp_path):
+    out = tmp_path / "digits.int8.onnx"
+    report = tmp_path / "digits.report.json"
+    optimize(MODELS / "digits_cnn.onnx", out, "int8-cpu", report_path=report, calibration_data=DATA / "digits_calib",
+             calibration_cache=tmp_path / "cache")  # fmt: skip
+    data = json.loads(report.read_text())
+    assert data["validation"]["passed"]
+    measured = [d for d in data["decisions"] if d.get("pass") == "qdq-insertion" and "kept" in d]
+    assert len(measured) == 1 and {"fp32_ms", "int8_ms", "speedup"} <= set(measured[0])
+    assert out.exists()
+
+
+# ------------------------------------------------------------------ options and rules
+def test_keep_op_types_and_node_patterns(tmp_path):
+    result = quantize("digits_cnn", tmp_path, passes="fold-batchnorm,qdq-insertion{keep_op_types=[Gemm],keep_node_patterns=[block2]}")
+    decisions = node_decisions(result)
+    assert decisions["/head/Gemm"]["rule"] == "keep-op-type" and decisions["/head/Gemm"]["precision"] == "float32"
+    kept = [d for name, d in decisions.items() if "block2" in name and d["op"] == "Conv"]
+    assert kept and all(d["rule"].startswith("keep-node-pattern") for d in kept)
+
+
+def test_op_types_restricts_placement(tmp_path):
+    result = quantize("digits_cnn", tmp_path, passes="fold-batchnorm,qdq-insertion{op_types=[Conv,MatMul,Gemm]}")
+    quantized = {d["op"] for d in node_decisions(result).values() if d["precision"] == "int8"}
+    assert quantized == {"Conv", "Gemm", "Relu"}
+
+
+def test_symmetric_activations_do_not_absorb_relu(tmp_path):
+    result = quantize("digits_cnn", tmp_path, passes="fold-batchnorm,qdq-insertion{activation_dtype=int8,activation_symmetric=true}")
+    assert not any(d["rule"] == "absorbed-by-q" for d in node_decisions(result).values())
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [("op_types=[Conv,LSTM]", "cannot be quantized"), ("keep_node_patterns=[(]", "not a valid regular expression")],
+)
+def test_bad_options_are_policy_errors(options, message):
+    with pytest.raises(PolicyError, match=message):
+        Pipeline.from_text(f"qdq-insertion{{{options}}}")
+
+
+def test_existing_qdq_model_passes_through_unchanged(tmp_path):
+    before = dump_model(Model.load(MODELS / "qdq_model.onnx"))
+    result = quantize("qdq_model", tmp_path, passes="qdq-insertion")
+    assert dump_model(result.model) == before
+    assert any(d.get("rule") == "already-quantized" for d in result.report["decisions"])
+
+
+def test_measure_keeps_the_float_model_when_int8_is_not_fast_enough(tmp_path):
+    float_model = quantize("digits_cnn", tmp_path, passes="fold-batchnorm").model
+    result = quantize("digits_cnn", tmp_path, passes="fold-batchnorm,qdq-insertion{measure=true,min_speedup=1000,measure_repeats=2}")
+    infer_shapes(float_model)  # the restored model went through a proto round trip and shape inference
+    assert dump_model(result.model) == dump_model(float_model)
+    decisions = node_decisions(result)
+    assert decisions and all(d["precision"] == "float32" for d in decisions.values())
+    assert any(d["rule"] == "slower-in-int8" for d in decisions.values())
+    kept = quantize("digits_cnn", tmp_path, passes="fold-batchnorm,qdq-insertion{measure=true,min_speedup=0,measure_repeats=2}")
+    assert any(n.op == "QuantizeLinear" for n in kept.model.graph.nodes)
+
+
+def test_other_targets_are_refused(tmp_path):
+    with pytest.raises(PassError, match="target"):
+        quantize("digits_cnn", tmp_path, passes="qdq-insertion", target="cuda")
+
+
+# ------------------------------------------------------------------ bad calibration data
+def test_missing_calibration_data_names_the_option():
+    with pytest.raises(PassError, match="--calibration-data"):
+        optimize_model(MODELS / "digits_cnn.onnx", passes="qdq-insertion")
+
+
+def test_bad_calibration_data_fails_and_writes_nothing(tmp_path):
+    out = tmp_path / "out.onnx"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    np.savez(wrong / "batch_000.npz", x=np.zeros((2, 3, 8, 8), np.float32))  # the model wants [N,1,8,8]
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    values = np.zeros((2, 1, 8, 8), np.float32)
+    values[0, 0, 0, 0] = np.nan
+    np.savez(nan / "batch_000.npz", x=values)
+    for folder, message in ((empty, "empty|no .npz|no batch"), (wrong, "'x'"), (nan, "NaN")):
+        with pytest.raises((DataError, PassError), match=message):
+            optimize(MODELS / "digits_cnn.onnx", out, "int8-cpu", calibration_data=folder, calibration_cache=None)
+        assert not out.exists() and not list(tmp_path.glob("out*"))
+
+
+def _zero_range_model() -> onnx.ModelProto:
+    """y1 = x @ W; zero = x * 0 feeds y2 = zero @ W; three = x * 0 + 3 feeds y3 = three @ W."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y1"], name="live"),
+        helper.make_node("Mul", ["x", "zero_c"], ["zero"], name="times_zero"),
+        helper.make_node("MatMul", ["zero", "W"], ["y2"], name="on_zeros"),
+        helper.make_node("Add", ["zero", "three_c"], ["three"], name="plus_three"),
+        helper.make_node("MatMul", ["three", "W"], ["y3"], name="on_threes"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "zero_range",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 4]) for n in ("y1", "y2", "y3")],
+        [w, numpy_helper.from_array(np.array(0, np.float32), "zero_c"), numpy_helper.from_array(np.array(3, np.float32), "three_c")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_zero_range_tensor_keeps_its_reader_float_and_constant_values_quantize(tmp_path):
+    model = _zero_range_model()
+    result = optimize_model(model, passes="qdq-insertion", calibration_data=calibration_folder(tmp_path, model),
+                            calibration_cache=None, verify_each=True)  # fmt: skip
+    decisions = node_decisions(result)
+    assert decisions["on_zeros"]["precision"] == "float32" and decisions["on_zeros"]["rule"].startswith("zero-range")
+    assert decisions["live"]["precision"] == "int8" and decisions["on_threes"]["precision"] == "int8"
+    feeds = {"x": np.random.default_rng(5).standard_normal((3, 8)).astype(np.float32)}
+    want = session(model).run(None, feeds)
+    got = session(result.model.to_proto()).run(None, feeds)
+    assert np.array_equal(want[1], got[1])  # the float path is untouched
+    assert np.allclose(want[2], got[2], rtol=0.02, atol=0.05)  # 3 is exactly representable: only W rounds
+
+
+# ------------------------------------------------------------------ scale-folding
+def _requantize_chain() -> onnx.ModelProto:
+    """x -Q-DQ-Q-DQ- (equal parameters) * 0.5 -> y; and x -Q-DQ-Q'-DQ'- with another scale -> z."""
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "s_again"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp_again"),
+        numpy_helper.from_array(np.array(0.1, np.float32), "s_other"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q1"], name="q1"),
+        helper.make_node("DequantizeLinear", ["q1", "s", "zp"], ["d1"], name="dq1"),
+        helper.make_node("QuantizeLinear", ["d1", "s_again", "zp_again"], ["q2"], name="q2"),
+        helper.make_node("DequantizeLinear", ["q2", "s_again", "zp_again"], ["d2"], name="dq2"),
+        helper.make_node("Mul", ["d2", "half"], ["y"], name="halve"),
+        helper.make_node("QuantizeLinear", ["d1", "s_other", "zp"], ["q3"], name="q3"),
+        helper.make_node("DequantizeLinear", ["q3", "s_other", "zp"], ["z"], name="dq3"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "requantize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6]), helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 6])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_scale_folding_golden_and_numerics(golden):
+    model = _requantize_chain()
+    result = optimize_model(model, passes="scale-folding,cleanup", verify_each=True)
+    golden.check("scale-folding/requantize_chain.txt", dump_model(result.model))
+    ops = collections.Counter(n.op for n in result.model.graph.nodes)
+    assert ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 3 and ops["Mul"] == 0
+    feeds = {"x": np.linspace(-8, 8, 24, dtype=np.float32).reshape(4, 6)}
+    want, got = session(model).run(None, feeds), session(result.model.to_proto()).run(None, feeds)
+    for a, b in zip(want, got):
+        assert np.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert all(provenance(n) in (None, "fold-scale-mul") for n in result.model.graph.nodes)
+
+
+def test_scale_folding_leaves_float_models_alone(tmp_path):
+    path = MODELS / "cnn_bn_residual.onnx"
+    result = optimize_model(path, passes="scale-folding")
+    assert dump_model(result.model) == dump_model(Model.load(path))
+
+
+def test_scale_folding_after_qdq_insertion_keeps_outputs(tmp_path):
+    without = quantize("cnn_bn_residual", tmp_path, passes="fold-batchnorm,qdq-insertion").model
+    with_folding = quantize("cnn_bn_residual", tmp_path, passes="fold-batchnorm,qdq-insertion,scale-folding,cleanup").model
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    for a, b in zip(session(without.to_proto()).run(None, feeds), session(with_folding.to_proto()).run(None, feeds)):
+        assert np.array_equal(a, b)
