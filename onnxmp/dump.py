@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxmp.ir import Model, dtype_name, elem_type, provenance, subgraphs, toposort
+from onnxmp.ir import Model, dtype_name, elem_type, provenance, toposort
 
 INDENT = "  "
 DTYPE_ATTRIBUTES = ("to", "dtype", "output_dtype")  # attributes that hold an element type

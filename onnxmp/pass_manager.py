@@ -7,6 +7,7 @@ and text dumps after chosen passes.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import tempfile
@@ -44,7 +45,7 @@ class PassContext:
         self.decisions.append(decision)
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base of every pass. Subclasses set ``name``, ``preserves_fp32``, ``Options`` and ``run``."""
 
     name: ClassVar[str] = ""
@@ -59,9 +60,9 @@ class Pass:
         """The first line of the class docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
+    @abc.abstractmethod
     def run(self, model: Model, ctx: PassContext) -> bool:
         """Transform ``model`` in place; return True if anything changed."""
-        raise NotImplementedError(f"pass {self.name} does not implement run()")
 
     def __str__(self) -> str:
         values = dataclasses.asdict(self.options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -368,10 +367,8 @@ def test_report_to_dict_is_json(weights):
 
 
 # ---------------------------------------------------------------- the CLI
-HAS_DATA = importlib.util.find_spec("onnxmp.data") is not None
 
 
-@pytest.mark.skipif(not HAS_DATA, reason="onnxmp.data (the data readers the CLI loads --data with) is not importable")
 def test_cli_validate(tmp_path, weights):
     from click.testing import CliRunner
 
@@ -402,7 +399,6 @@ def test_cli_validate(tmp_path, weights):
     assert result.exit_code == 1 and "error: no validation data" in result.stderr
 
 
-@pytest.mark.skipif(not HAS_DATA, reason="onnxmp.data (the data readers validate_files loads data with) is not importable")
 def test_validate_files_takes_data_batches_and_gates_from_the_policy(tmp_path, weights):
     from onnxmp.policy import Policy
     from onnxmp.validate import validate_files
@@ -431,18 +427,6 @@ def test_validate_files_takes_data_batches_and_gates_from_the_policy(tmp_path, w
         validate_files(original, bad)
 
 
-def _policy_takes_validation() -> bool:
-    from onnxmp.policy import load_policy
-
-    try:
-        load_policy({"version": 1, "passes": [{"name": "cleanup"}], "validation": {"gates": {}}})
-    except PolicyError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not HAS_DATA, reason="onnxmp.data (the data readers the CLI loads --data with) is not importable")
-@pytest.mark.skipif(not _policy_takes_validation(), reason="the policy schema has no 'validation' section yet")
 def test_cli_validate_gates_from_policy(tmp_path, weights):
     from click.testing import CliRunner
 
