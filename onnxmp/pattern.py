@@ -286,11 +286,11 @@ class Rule:
             raise _Failure("the rule's condition rejected the match", len(state.nodes))
         return found
 
-    def replace(self, match: Match, ctx: PassContext, pending: list[gs.Node] | None = None) -> list[gs.Node] | None:
+    def replace(self, match: Match, ctx: PassContext, pending: list[gs.Node]) -> list[gs.Node] | None:
         """Apply the replacement for ``match``, all of it or nothing; the created nodes, or None.
 
-        With ``pending``, matched nodes are disconnected and appended to it instead of being
-        dropped from ``graph.nodes``; the caller removes them all in one sweep.
+        Matched nodes are disconnected and appended to ``pending`` rather than dropped from
+        ``graph.nodes``: the caller removes them all in one sweep.
         """
         builder = RewriteBuilder(self.name, match, ctx)
         arguments = {}
@@ -363,8 +363,8 @@ class RewriteBuilder:
             node.outputs.clear()
         self.created.clear()
 
-    def commit(self, result: gs.Tensor, pending: list[gs.Node] | None = None) -> None:
-        """Wire ``result`` in place of the root's output and drop the matched nodes."""
+    def commit(self, result: gs.Tensor, pending: list[gs.Node]) -> None:
+        """Wire ``result`` in place of the root's output; disconnect the matched nodes into ``pending``."""
         old = self.match.output
         graph = self.match.graph
         made_here = producer(result)
@@ -390,13 +390,11 @@ class RewriteBuilder:
             self.created.append(identity)
         else:
             replace_all_uses(old, result)
-        if pending is None:
-            remove_nodes(graph, self.match.matched)
-        else:  # one sweep of graph.nodes per match would make rewriting quadratic in node count
-            for node in self.match.matched:
-                node.inputs.clear()
-                node.outputs.clear()
-            pending.extend(self.match.matched)
+        # Removed by the caller in one sweep: one sweep of graph.nodes per match is quadratic.
+        for node in self.match.matched:
+            node.inputs.clear()
+            node.outputs.clear()
+        pending.extend(self.match.matched)
         graph.nodes.extend(self.created)
 
 

@@ -84,10 +84,8 @@ class RegionProblem:
             components.append(members)
         return components
 
-    def _solve_component(self, members: list[Hashable], edges: list | None = None) -> set[Hashable]:
+    def _solve_component(self, members: list[Hashable], edges: list[tuple[Hashable, Hashable, float]]) -> set[Hashable]:
         inside = set(members)
-        if edges is None:
-            edges = [(a, b, c) for (a, b), c in self._edges.items() if a in inside or b in inside]
         if not any(T in (a, b) for a, b, _ in edges):
             return inside  # nothing pulls towards float32: no casts either way
         network = nx.DiGraph()
