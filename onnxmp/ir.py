@@ -342,8 +342,8 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return tensor.values
     node = producer(tensor)
-    if node is None or node.op != "Constant" or node.domain not in ("", "ai.onnx"):
-        return None
+    if node is None or node.op != "Constant" or node.domain not in (None, "", "ai.onnx"):
+        return None  # onnx-graphsurgeon leaves the domain of a node read from a file as None
     return _constant_node_value(node)
 
 

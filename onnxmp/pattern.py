@@ -22,6 +22,13 @@ with a builder that creates real nodes and with the bound variables it names (pl
 asks for it); it returns the tensor that takes the place of the matched root's output, or None to
 decline. The rewrite then happens in one step, or not at all. Every created node records the
 rule's name as its provenance.
+
+Patterns are DAGs: a pattern node used twice (``d = op.Sub(x, op.ReduceMean(x))`` read by both
+the variance and the division of a LayerNorm) matches one graph node. A target may return a tuple
+of ops: the first is the root, the others are intermediate values of the match that may be used
+outside it (a residual sum that both a fused norm and the next block read); the replacement then
+returns one tensor per output, None for an extra output that nothing outside the match reads.
+A condition may raise ``Rejected(reason)`` so that ``explain`` says why it rejected a match.
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ class Match:
     bindings: dict[str, gs.Tensor] = field(default_factory=dict)
     nodes: dict[str, gs.Node] = field(default_factory=dict)
     matched: list[gs.Node] = field(default_factory=list)
+    outputs: list[gs.Tensor] = field(default_factory=list)  # the root's output, then the extra outputs
 
     def value(self, name: str) -> np.ndarray | None:
         """The constant value bound to variable ``name`` (None if it is not constant)."""
@@ -119,6 +127,16 @@ class Match:
     @property
     def output(self) -> gs.Tensor:
         return self.root.outputs[self.rule.pattern.output_index]
+
+    def used_outside(self, index: int) -> bool:
+        """Whether output ``index`` (0: the root's) is read outside the match or is a graph output."""
+        tensor = self.outputs[index]
+        inside = {id(n) for n in self.matched}
+        return id(tensor) in graph_output_ids(self.graph) or any(id(u) not in inside for u in tensor.outputs)
+
+
+class Rejected(Exception):
+    """Raised by a rule's condition to reject a match with a reason that ``explain`` reports."""
 
 
 class _Failure(Exception):
@@ -138,16 +156,19 @@ class _Attempt:
         self.bindings: dict[str, gs.Tensor] = {}
         self.tags: dict[str, gs.Node] = {}
         self.nodes: list[gs.Node] = []
+        self.by_pattern: dict[int, gs.Node] = {}  # id(POp) -> the graph node it matched
 
     def copy(self) -> "_Attempt":
         clone = _Attempt(self.graph_nodes)
         clone.bindings = dict(self.bindings)
         clone.tags = dict(self.tags)
         clone.nodes = list(self.nodes)
+        clone.by_pattern = dict(self.by_pattern)
         return clone
 
     def adopt(self, other: "_Attempt") -> None:
         self.bindings, self.tags, self.nodes = other.bindings, other.tags, other.nodes
+        self.by_pattern = other.by_pattern
 
 
 def _match_value(pattern: Any, tensor: gs.Tensor, state: _Attempt) -> None:
@@ -172,6 +193,11 @@ def _match_value(pattern: Any, tensor: gs.Tensor, state: _Attempt) -> None:
         raise _Failure(f"'{tensor.name}' is not produced by a {pattern.op_type} node", depth)
     if len(node.outputs) <= pattern.output_index or node.outputs[pattern.output_index] is not tensor:
         raise _Failure(f"'{tensor.name}' is not output {pattern.output_index} of '{node.name}'", depth)
+    seen = state.by_pattern.get(id(pattern))
+    if seen is not None:  # a shared pattern node (a DAG): it must meet the node it matched before
+        if seen is not node:
+            raise _Failure(f"'{tensor.name}' should be the output of '{seen.name}' read elsewhere in the pattern", depth)
+        return
     _match_node(pattern, node, state)
 
 
@@ -202,6 +228,7 @@ def _match_node(pattern: POp, node: gs.Node, state: _Attempt) -> None:
             f"'{node.name}' has {len(inputs)} inputs, the pattern wants {len(pattern.inputs)}", depth
         )
     state.nodes.append(node)
+    state.by_pattern[id(pattern)] = node
     if pattern.tag:
         state.tags[pattern.tag] = node
     orders = [pattern.inputs]
@@ -241,13 +268,15 @@ def _attr_equal(actual: Any, expected: Any) -> bool:
     return actual == expected
 
 
-def _check_boundaries(match_nodes: list[gs.Node], root: gs.Node, out_index: int, graph: gs.Graph) -> None:
-    """Intermediate tensors must be used only inside the match and must not be graph outputs."""
+def _check_boundaries(match_nodes: list[gs.Node], exposed: list[gs.Tensor], graph: gs.Graph) -> None:
+    """Intermediate tensors must be used only inside the match and must not be graph outputs;
+    the ``exposed`` ones (the root's output and a rule's extra outputs) may be."""
     inside = {id(n) for n in match_nodes}
     outputs = graph_output_ids(graph)
+    allowed = {id(t) for t in exposed}
     for node in match_nodes:
-        for index, tensor in enumerate(node.outputs):
-            if node is root and index == out_index:
+        for tensor in node.outputs:
+            if id(tensor) in allowed:
                 continue
             if id(tensor) in outputs:
                 raise _Failure(f"'{tensor.name}' is a graph output", len(match_nodes))
@@ -271,19 +300,32 @@ class Rule:
         self.when = when
         self.variables = _pattern_variables(target)
         built = target(_PatternBuilder(), *self.variables)
-        if not isinstance(built, POp):
-            raise TypeError(f"rule {name}: the target pattern must return an op, got {built!r}")
-        self.pattern: POp = built
+        outputs = list(built) if isinstance(built, tuple) else [built]
+        if not outputs or not all(isinstance(o, POp) for o in outputs):
+            raise TypeError(f"rule {name}: the target pattern must return an op or a tuple of ops, got {built!r}")
+        self.pattern: POp = outputs[0]
+        self.extra_outputs: list[POp] = outputs[1:]
+        reachable = _pattern_nodes(self.pattern)
+        for extra in self.extra_outputs:
+            if not any(extra is p for p in reachable):
+                raise TypeError(f"rule {name}: extra output {extra.op_type} is not part of the root's pattern")
         self._wants = list(inspect.signature(replacement).parameters)[1:]
 
     def match(self, node: gs.Node, graph: gs.Graph, graph_nodes: set[int] | None = None) -> Match:
         """Match with ``node`` as the root; raises _Failure with the reason otherwise."""
         state = _Attempt(graph_nodes if graph_nodes is not None else {id(n) for n in graph.nodes})
         _match_node(self.pattern, node, state)
-        _check_boundaries(state.nodes, node, self.pattern.output_index, graph)
-        found = Match(self, graph, node, state.bindings, state.tags, state.nodes)
-        if self.when is not None and not self.when(found):
-            raise _Failure("the rule's condition rejected the match", len(state.nodes))
+        outputs = [node.outputs[self.pattern.output_index]]
+        outputs += [state.by_pattern[id(p)].outputs[p.output_index] for p in self.extra_outputs]
+        _check_boundaries(state.nodes, outputs, graph)
+        found = Match(self, graph, node, state.bindings, state.tags, state.nodes, outputs)
+        if self.when is not None:
+            try:
+                accepted = self.when(found)
+            except Rejected as exc:
+                raise _Failure(f"the rule's condition rejected the match: {exc}", len(state.nodes)) from None
+            if not accepted:
+                raise _Failure("the rule's condition rejected the match", len(state.nodes))
         return found
 
     def replace(self, match: Match, ctx: PassContext, pending: list[gs.Node]) -> list[gs.Node] | None:
@@ -300,11 +342,42 @@ class Rule:
             result = self.replacement(builder, **arguments)
         except _Decline:
             result = None
-        if result is None:
+        results = self._results(result, match)
+        if results is None:
             builder.discard()
             return None
-        builder.commit(result, pending)
+        builder.commit(results, pending)
         return builder.created
+
+    def _results(self, result: Any, match: Match) -> list[gs.Tensor | None] | None:
+        """One replacement per output, or None when the replacement declined or left out an
+        extra output that is still read outside the match."""
+        if result is None:
+            return None
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        if len(results) != len(match.outputs):
+            raise TypeError(f"rule {self.name}: the replacement returned {len(results)} tensors for {len(match.outputs)} outputs")
+        if results[0] is None:
+            return None
+        inside = {id(n) for n in match.matched}
+        graph_outputs = graph_output_ids(match.graph)
+        for old, new in zip(match.outputs[1:], results[1:]):
+            if new is None and (id(old) in graph_outputs or any(id(u) not in inside for u in old.outputs)):
+                return None
+        return results
+
+
+def _pattern_nodes(root: POp) -> list[POp]:
+    """Every op of a pattern, each once."""
+    found: list[POp] = []
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        if any(current is f for f in found):
+            continue
+        found.append(current)
+        stack.extend(v for v in current.inputs if isinstance(v, POp))
+    return found
 
 
 def _pattern_variables(target: Callable[..., Any]) -> list[PVar]:
@@ -330,18 +403,25 @@ class RewriteBuilder:
         if op_type.startswith("_"):
             raise AttributeError(op_type)
 
-        def build(*inputs: gs.Tensor, _domain: str = "", _outputs: int = 1, **attrs: Any):
+        def build(*inputs: Any, _domain: str = "", _outputs: int | Sequence[bool] = 1, **attrs: Any):
+            """``_outputs``: how many outputs, or one flag per output (False: an omitted optional
+            output). None among the inputs is an omitted optional input."""
+            present = [True] * _outputs if isinstance(_outputs, int) else list(_outputs)
+            written = len(present) - present[::-1].index(True) if True in present else 0  # trailing omitted ones dropped
+            fresh = f"{self._base}/{self.rule}_out"
             node = gs.Node(
                 op_type,
                 name=self.ctx.fresh_name(f"{self._base}/{self.rule}"),
                 attrs={k: v for k, v in attrs.items() if v is not None},
-                inputs=[self._as_tensor(v) for v in inputs],
-                outputs=[gs.Variable(self.ctx.fresh_name(f"{self._base}/{self.rule}_out")) for _ in range(_outputs)],
+                inputs=[self._as_tensor(v) for v in _without_trailing_none(inputs)],
+                outputs=[gs.Variable(self.ctx.fresh_name(fresh)) if keep else gs.Variable.empty() for keep in present[:written]],
                 domain=_domain or None,
             )
             set_provenance(node, self.rule)
             self.created.append(node)
-            return node.outputs[0] if _outputs == 1 else list(node.outputs)
+            if isinstance(_outputs, int) and _outputs == 1:
+                return node.outputs[0]
+            return [node.outputs[i] if keep else None for i, keep in enumerate(present)]
 
         return build
 
@@ -350,6 +430,8 @@ class RewriteBuilder:
         return make_constant(self.ctx.fresh_name(f"{self._base}/{hint}"), np.asarray(values))
 
     def _as_tensor(self, value: Any) -> gs.Tensor:
+        if value is None:
+            return gs.Variable.empty()
         if isinstance(value, gs.Tensor):
             return value
         return self.const(np.asarray(value))
@@ -363,39 +445,56 @@ class RewriteBuilder:
             node.outputs.clear()
         self.created.clear()
 
-    def commit(self, result: gs.Tensor, pending: list[gs.Node]) -> None:
-        """Wire ``result`` in place of the root's output; disconnect the matched nodes into ``pending``."""
-        old = self.match.output
-        graph = self.match.graph
+    def commit(self, results: list[gs.Tensor | None], pending: list[gs.Node]) -> None:
+        """Wire each result in place of the matching output; disconnect the matched nodes into ``pending``."""
+        for (old, slot), result in zip(self._output_slots(), results):
+            if result is not None:
+                self._wire(old, slot, result)
+        # Removed by the caller in one sweep: one sweep of graph.nodes per match is quadratic.
+        for node in self.match.matched:
+            node.inputs.clear()
+            node.outputs.clear()
+        pending.extend(self.match.matched)
+        self.match.graph.nodes.extend(self.created)
+
+    def _output_slots(self) -> list[tuple[gs.Tensor, tuple[gs.Node, int]]]:
+        """Each output of the match with the matched node and output position that produce it."""
+        slots = []
+        for tensor in self.match.outputs:
+            node = producer(tensor)
+            assert node is not None
+            slots.append((tensor, (node, [id(t) for t in node.outputs].index(id(tensor)))))
+        return slots
+
+    def _wire(self, old: gs.Tensor, slot: tuple[gs.Node, int], result: gs.Tensor) -> None:
+        """Make ``result`` take the place of ``old``; ``old`` keeps its name (and graph output)."""
+        node, index = slot
         made_here = producer(result)
         if made_here is not None and any(made_here is n for n in self.created):
             if old.dtype is None:
                 old.dtype = result.dtype
-            index = list(made_here.outputs).index(result)
-            self.match.root.outputs[self.match.rule.pattern.output_index] = gs.Variable(
-                self.ctx.fresh_name(f"{old.name}/replaced")
-            )
-            made_here.outputs[index] = old
-        elif id(old) in graph_output_ids(graph):
+            position = [id(t) for t in made_here.outputs].index(id(result))
+            node.outputs[index] = gs.Variable(self.ctx.fresh_name(f"{old.name}/replaced"))
+            made_here.outputs[position] = old
+        elif id(old) in graph_output_ids(self.match.graph):
             identity = gs.Node(
                 "Identity",
                 name=self.ctx.fresh_name(f"{self._base}/{self.rule}"),
                 inputs=[result],
                 outputs=[old],
             )
-            self.match.root.outputs[self.match.rule.pattern.output_index] = gs.Variable(
-                self.ctx.fresh_name(f"{old.name}/replaced")
-            )
+            node.outputs[index] = gs.Variable(self.ctx.fresh_name(f"{old.name}/replaced"))
             set_provenance(identity, self.rule)
             self.created.append(identity)
         else:
             replace_all_uses(old, result)
-        # Removed by the caller in one sweep: one sweep of graph.nodes per match is quadratic.
-        for node in self.match.matched:
-            node.inputs.clear()
-            node.outputs.clear()
-        pending.extend(self.match.matched)
-        graph.nodes.extend(self.created)
+
+
+def _without_trailing_none(inputs: Sequence[Any]) -> list[Any]:
+    values = list(inputs)
+    while values and values[-1] is None:
+        values.pop()
+    return values
 
 
 # ---------------------------------------------------------------- driving

@@ -7,6 +7,10 @@ precision change is decided per variable: a variable bound to float32 tensors ca
 variables that do not allow the lower type, stay as they are. Integer and bool tensors are never
 touched. Cast, Constant and ConstantOfShape carry their output type in an attribute, handled here
 too.
+
+onnxruntime's contrib ops that the fusion passes create have no onnx schema; ``CONTRIB_SIGNATURES``
+gives theirs, from onnxruntime's contrib operator specs (docs/ContribOperators.md), so that the
+precision pass types them the same way.
 """
 
 from __future__ import annotations
@@ -42,12 +46,79 @@ class NodeTyping:
         return bool(self.outputs or self.inputs) and not self.reason
 
 
+_FLOATS = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
+_GPU_FLOATS = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")
+_INT32 = ("tensor(int32)",)
+# (domain, op) -> (inputs, outputs, type constraints); a formal is "name:TYPE", optional ones
+# marked "?". onnxruntime registers SimplifiedLayerNormalization in the ai.onnx domain.
+CONTRIB_SIGNATURES: dict[tuple[str, str], tuple[list[str], list[str], dict[str, tuple[str, ...]]]] = {
+    ("com.microsoft", "Gelu"): (["X:T"], ["Y:T"], {"T": _FLOATS}),
+    ("com.microsoft", "FastGelu"): (["X:T", "bias:T?"], ["Y:T"], {"T": _GPU_FLOATS}),
+    ("com.microsoft", "BiasGelu"): (["A:T", "B:T"], ["C:T"], {"T": _FLOATS}),
+    ("com.microsoft", "SkipLayerNormalization"): (
+        ["input:T", "skip:T", "gamma:T", "beta:T?", "bias:T?"],
+        ["output:T", "mean:U?", "inv_std_var:U?", "input_skip_bias_sum:T?"],
+        {"T": _FLOATS, "U": ("tensor(float)",)},
+    ),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): (
+        ["input:T", "skip:T", "gamma:T", "bias:T?"],
+        ["output:T", "mean:U?", "inv_std_var:U?", "input_skip_bias_sum:T?"],
+        {"T": _FLOATS, "U": ("tensor(float)",)},
+    ),
+    ("", "SimplifiedLayerNormalization"): (
+        ["X:T", "scale:V"],
+        ["Y:V", "inv_std_var:U?"],
+        {"T": _FLOATS, "U": ("tensor(float)", "tensor(double)"), "V": _FLOATS},
+    ),
+    ("com.microsoft", "MultiHeadAttention"): (
+        ["query:T", "key:T?", "value:T?", "bias:T?", "key_padding_mask:M?", "attention_bias:T?",
+         "past_key:T?", "past_value:T?", "past_sequence_length:M?", "cache_indirection:M?"],
+        ["output:T", "present_key:T?", "present_value:T?", "qk:QK?"],
+        {"T": _GPU_FLOATS, "M": _INT32, "QK": _GPU_FLOATS},
+    ),
+    ("com.microsoft", "Attention"): (
+        ["input:T", "weights:T", "bias:T?", "mask_index:M?", "past:T?", "attention_bias:T?", "past_sequence_length:M?"],
+        ["output:T", "present:T?"],
+        {"T": _GPU_FLOATS, "M": _INT32},
+    ),
+    ("com.microsoft", "FusedConv"): (
+        ["X:T", "W:T", "B:T?", "Z:T?"], ["Y:T"], {"T": ("tensor(float16)", "tensor(float)", "tensor(double)")}
+    ),
+}  # fmt: skip
+
+
 @lru_cache(maxsize=None)
 def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
     try:
         return onnx.defs.get_schema(op_type, opset, domain)
     except onnx.defs.SchemaError:
+        return _contrib_schema(op_type, domain)
+
+
+def _contrib_schema(op_type: str, domain: str) -> onnx.defs.OpSchema | None:
+    """An unregistered OpSchema built from ``CONTRIB_SIGNATURES`` (only read by ``_bind``)."""
+    signature = CONTRIB_SIGNATURES.get((domain, op_type))
+    if signature is None:
         return None
+    inputs, outputs, constraints = signature
+
+    def formals(specs: list[str]) -> list[onnx.defs.OpSchema.FormalParameter]:
+        made = []
+        for spec in specs:
+            name, type_str = spec.rstrip("?").split(":")
+            options = onnx.defs.OpSchema.FormalParameterOption
+            option = options.Optional if spec.endswith("?") else options.Single
+            made.append(onnx.defs.OpSchema.FormalParameter(name, type_str, param_option=option))
+        return made
+
+    return onnx.defs.OpSchema(
+        op_type,
+        domain,
+        1,
+        inputs=formals(inputs),
+        outputs=formals(outputs),
+        type_constraints=[(name, list(types), "") for name, types in constraints.items()],
+    )
 
 
 def node_typing(node: gs.Node, opset: int, low: int) -> NodeTyping:

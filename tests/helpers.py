@@ -28,7 +28,7 @@ def random_feeds(sess: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndar
             feeds[spec.name] = np.array(rng.random() < 0.5).reshape(shape)
         elif "int" in spec.type:
             dtype = np.int64 if "int64" in spec.type else np.int32
-            feeds[spec.name] = rng.integers(0, 10, size=shape).astype(dtype)
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)  # valid ids, masks and token types
         else:
             feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds

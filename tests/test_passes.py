@@ -22,6 +22,10 @@ GOLDEN_CASES = {
     "cast-elimination": ["cast_chain", "if_model"],
     "fold-batchnorm": ["cnn_bn_residual", "batchnorm_gemm"],
     "fuse-matmul-add": ["matmul_add", "transformer_block"],
+    "fuse-attention": ["transformer_block"],
+    "fuse-layernorm": ["transformer_block"],
+    "fuse-gelu": ["transformer_block", "tiny_vit"],
+    "fuse-skip-layernorm": ["tiny_transformer"],
 }
 RANDOM_OUTPUTS = ("noisy",)  # outputs of RandomNormal nodes differ run to run
 

@@ -178,3 +178,98 @@ def test_explain_reports_matches():
 def test_rule_target_must_be_an_op():
     with pytest.raises(TypeError):
         Rule("bad", lambda op, x: x, gelu)
+
+
+# ---------------------------------------------------------------- DAG patterns and extra outputs
+def centered_square(op, x):
+    d = op.Sub(x, op.ReduceMean(x))  # one pattern node, read twice
+    return op.Div(d, op.Mul(d, d))
+
+
+def dag_graph(node, const, x, separate=False):
+    mean = node("ReduceMean", x)
+    d = node("Sub", x, mean)
+    other = node("Sub", x, mean) if separate else d
+    return node("Div", d, node("Mul", other, d), name="root")
+
+
+def test_shared_pattern_node_matches_one_graph_node():
+    rule = Rule("dag", centered_square, lambda op, x: op.Neg(x))
+    model = build(dag_graph)
+    assert run(model, rule)
+    assert [n.op for n in model.graph.nodes] == ["Neg"]
+
+
+def test_shared_pattern_node_refuses_two_graph_nodes():
+    rule = Rule("dag", centered_square, lambda op, x: op.Neg(x))
+    model = build(lambda n, c, x: dag_graph(n, c, x, separate=True))
+    before = dump_model(model)
+    assert not run(model, rule)
+    assert dump_model(model) == before
+    assert "read elsewhere in the pattern" in str(explain(model, rule))
+
+
+def residual_norm(op, x, skip):
+    total = op.Add(x, skip)
+    return op.Softmax(total), total
+
+
+def residual_graph(node, const, x, extra_use=True):
+    total = node("Add", x, node("Neg", x, name="skip"), name="sum")
+    out = node("Softmax", total, name="root")
+    return [out, node("Relu", total, name="reader")] if extra_use else out
+
+
+def fused_both(op, x, skip):
+    outputs = op.FusedSoftmax(x, skip, _domain="test", _outputs=2)
+    return outputs[0], outputs[1]
+
+
+def test_extra_output_takes_the_place_of_the_intermediate():
+    rule = Rule("fuse", residual_norm, fused_both)
+    model = build(residual_graph)
+    assert run(model, rule)
+    fused = next(n for n in model.graph.nodes if n.op == "FusedSoftmax")
+    reader = next(n for n in model.graph.nodes if n.op == "Relu")
+    assert reader.inputs[0] is fused.outputs[1]
+    assert fused.outputs[1].name.startswith("sum_out")  # the intermediate keeps its name
+    assert not any(n.op in ("Add", "Softmax") for n in model.graph.nodes)
+
+
+def test_extra_output_left_out_while_read_elsewhere_declines():
+    rule = Rule("fuse", residual_norm, lambda op, x, skip: (op.FusedSoftmax(x, skip, _domain="test"), None))
+    model = build(residual_graph)
+    before = dump_model(model)
+    assert not run(model, rule)
+    assert dump_model(model) == before
+    assert run(build(lambda n, c, x: residual_graph(n, c, x, extra_use=False)), rule)
+
+
+def test_extra_output_must_be_inside_the_pattern():
+    with pytest.raises(TypeError):
+        Rule("bad", lambda op, x: (op.Relu(x), op.Neg(x)), gelu)
+
+
+def test_condition_reason_is_explained():
+    from onnxmp.pattern import Rejected
+
+    def refuse(match):
+        raise Rejected("epsilon is a vector")
+
+    model = build(gelu_graph)
+    rule = Rule("never", erf_gelu, gelu, when=refuse)
+    assert not run(model, rule)
+    assert "epsilon is a vector" in str(explain(model, rule))
+
+
+def test_builder_omits_optional_inputs_and_outputs():
+    def replacement(op, x):
+        outputs = op.Norm(x, None, x, None, _domain="test", _outputs=[True, False, True])
+        assert outputs[1] is None
+        return outputs[0]
+
+    model = build(gelu_graph)
+    assert run(model, Rule("omit", erf_gelu, replacement))
+    node = model.graph.nodes[0]
+    assert [t.name for t in node.inputs][1] == "" and len(node.inputs) == 3  # trailing None dropped
+    assert node.outputs[1].name == "" and node.outputs[2].name != ""
