@@ -7,7 +7,7 @@ A node stays float32 when a rule says so, and the report names the rule:
 - ``schema``: its operator schema does not allow the type for its float inputs;
 - ``range-overflow`` / ``range-underflow``: calibration saw values beyond ``overflow_threshold`` of
   the type's largest value, or mostly below its smallest normal value; ``initializer-range`` the
-  same for its constant inputs;
+  same for its constant inputs (values of 1e30 and beyond stand for infinity and saturate instead);
 - ``long-reduction``: a reduction over more than ``max_reduction_elements`` elements;
 - ``subgraph``: it owns If/Loop/Scan bodies, whose interface stays float32;
 - ``placement``: lowering it would cost more in casts than it saves.
@@ -31,7 +31,7 @@ from onnxmp.ir import Model, elem_type, is_omitted, set_provenance, subgraphs
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.regions import S, T, RegionProblem
 from onnxmp.shapes import infer_shapes
-from onnxmp.type_constraints import FLOAT32, NodeTyping, is_float32_tensor, node_typing
+from onnxmp.type_constraints import CONTRIB_SIGNATURES, FLOAT32, NodeTyping, is_float32_tensor, node_typing
 
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 LOW_NAMES = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
@@ -55,7 +55,19 @@ REDUCTIONS = {"ReduceSum", "ReduceMean", "ReduceL1", "ReduceL2", "ReduceSumSquar
 HEAVY = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN", "Attention"}
 CAST_COST, CAST_OVERHEAD, TRAFFIC_GAIN = 6.0, 64.0, 2.0  # bytes moved per element; per-cast launch
 UNKNOWN_ELEMENTS = 1024
-ADDITIVE = {"Add", "Sub", "Sum"}
+# Inputs that are only added to the result (biases, shifts): one too small for the low type changes
+# the sum by less than the sum's own rounding, so their underflow does not matter. None: all inputs.
+ADDITIVE_INPUTS: dict[str, set[int] | None] = {
+    "Add": None, "Sub": None, "Sum": None,
+    "Conv": {2}, "ConvTranspose": {2}, "Gemm": {2}, "LayerNormalization": {2},
+    "BiasGelu": {1}, "FastGelu": {1}, "Attention": {2}, "MultiHeadAttention": {3},
+    "SkipLayerNormalization": {1, 3, 4}, "SkipSimplifiedLayerNormalization": {1, 3},
+}  # fmt: skip
+# Constants this large (float32's max, 1e30, ...) stand for infinity: attention-mask fill values,
+# open clip bounds, reduction seeds. Converted, they saturate to the low type's largest finite value
+# instead of keeping their node float32 or becoming inf: -65504 masks as well as -3.4e38 does, while
+# -inf would turn a fully masked softmax row into NaN where float32 gives a finite result.
+INFINITY_STAND_IN = 1e30
 CPU_NO_LOW_REDUCTION = {"ScatterElements", "ScatterND"}  # onnxruntime CPU: no float16 path with a reduction
 
 
@@ -143,20 +155,22 @@ class Precision(Pass):
 
     def _range_reason(self, node: gs.Node, typing: NodeTyping, stats: dict) -> str:
         largest, smallest = LIMITS[self.low]
-        # A tiny addend changes a sum by less than the sum's own rounding: underflow of an input
-        # matters only where it scales the result (Mul, MatMul, Conv, ...), not where it is added.
-        inputs_may_underflow = node.op not in ADDITIVE
+        # Underflow of an input matters only where it scales the result, not where it is added.
+        additive = ADDITIVE_INPUTS.get(node.op, set())
         for index in typing.inputs:
             tensor = node.inputs[index]
+            inputs_may_underflow = additive is not None and index not in additive
             if isinstance(tensor, gs.Constant):
                 values = np.abs(np.asarray(tensor.values, dtype=np.float64))
                 values = values[np.isfinite(values)]  # the low types hold inf and NaN exactly (-inf masks)
+                values = values[values < INFINITY_STAND_IN]  # converted saturated, see INFINITY_STAND_IN
                 nonzero = values[values > 0]
                 if values.size and values.max() > largest:
                     return f"initializer-range: {tensor.name} reaches {values.max():.3g}"
                 if inputs_may_underflow and nonzero.size and np.mean(nonzero < smallest) > self.options.underflow_threshold:
                     return f"initializer-range: {tensor.name} mostly below {smallest:.3g}"
-        observed = [(node.inputs[i], inputs_may_underflow) for i in typing.inputs] + [(node.outputs[i], True) for i in typing.outputs]
+        observed = [(node.inputs[i], additive is not None and i not in additive) for i in typing.inputs]
+        observed += [(node.outputs[i], True) for i in typing.outputs]
         for tensor, check_underflow in observed:
             seen = stats.get(tensor.name)
             if seen is None:
@@ -267,7 +281,8 @@ def _reduced_elements(node: gs.Node) -> int | None:
 def _known_op(op_type: str) -> bool:
     import onnx
 
-    return any(onnx.defs.has(op_type, domain) for domain in ("", "com.microsoft", "ai.onnx.ml"))
+    known = any(onnx.defs.has(op_type, domain) for domain in ("", "com.microsoft", "ai.onnx.ml"))
+    return known or any(name == op_type for _, name in CONTRIB_SIGNATURES)
 
 
 def _no_kernel(node: gs.Node, opset: int, target: str, low: int) -> bool:

@@ -215,21 +215,73 @@ def reference_top1(model, inputs: np.ndarray, labels: np.ndarray, input_name: st
     return top1(lambda f: np.asarray(evaluator.run(None, f)[0], dtype=np.float32), inputs, labels, input_name)
 
 
+def without_fusions(preset: str) -> dict:
+    """The preset with its fusion passes dropped: the same precision rules on standard ONNX ops,
+    which onnx's reference evaluator can run (it has no com.microsoft kernels)."""
+    policy = json.loads((REPO / "onnxmp" / "presets" / f"{preset}.json").read_text())
+    policy["passes"] = [p for p in policy["passes"] if not p["name"].startswith("fuse-") or p["name"] == "fuse-matmul-add"]
+    return policy
+
+
 @pytest.mark.parametrize("preset,budget", [("fp16", 0.001), ("bf16", 0.005)])
 @pytest.mark.parametrize("name", sorted(TRAINED))
 def test_low_precision_keeps_trained_accuracy(name, preset, budget):
     inputs, labels, input_name = heldout(name)
     fp32 = top1(lambda f: session(str(MODELS / f"{name}.onnx")).run(None, f)[0], inputs, labels, input_name)
     assert fp32 == pytest.approx(TRAINED[name]["heldout_accuracy"])
-    model = optimize_model(MODELS / f"{name}.onnx", preset).model
+    result = optimize_model(MODELS / f"{name}.onnx", without_fusions(preset))
+    model = result.model
     low = FP16 if preset == "fp16" else TensorProto.BFLOAT16
-    lowered = sum(1 for d in optimize_model(MODELS / f"{name}.onnx", preset).report["decisions"] if d["rule"] == "lowered")
+    lowered = sum(1 for d in result.report["decisions"] if d["rule"] == "lowered")
     # Conv, MaxPool and GlobalAveragePool allow bfloat16 only from opset 22: digits_cnn (opset 17)
     # lowers its head alone in bf16; everything else lowers most of the model.
     assert lowered >= (1 if (name, preset) == ("digits_cnn", "bf16") else len(model.graph.nodes) // 2)
     assert any(elem_type(t) == low for t in model.graph.tensors().values())
     accuracy = reference_top1(model, inputs, labels, input_name)
     assert abs(accuracy - fp32) <= budget, f"{name}: FP32 {fp32:.4f}, {preset} {accuracy:.4f}"
+
+
+@pytest.mark.parametrize("name", sorted(TRAINED))
+def test_fused_fp16_preset_keeps_trained_accuracy_on_onnxruntime(name):
+    """The whole fp16 preset, fusions included (contrib ops: onnxruntime only)."""
+    inputs, labels, input_name = heldout(name)
+    fp32 = top1(lambda f: session(str(MODELS / f"{name}.onnx")).run(None, f)[0], inputs, labels, input_name)
+    model = optimize_model(MODELS / f"{name}.onnx", "fp16").model
+    fused = session(model.to_proto())
+    accuracy = top1(lambda f: fused.run(None, f)[0], inputs, labels, input_name)
+    assert abs(accuracy - fp32) <= 0.001, f"{name}: FP32 {fp32:.4f}, fused fp16 {accuracy:.4f}"
+
+
+def test_infinity_stand_ins_saturate_so_a_fully_masked_softmax_stays_finite():
+    """transformers fills masked scores with float32's min: as float16 -inf it would turn a fully
+    masked row into NaN (float32 gives a uniform row); saturated to -65504 it does not."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["scores"], name="scores"),
+            helper.make_node("Where", ["keep", "zero", "fill"], ["bias"], name="mask_fill"),
+            helper.make_node("Add", ["scores", "bias"], ["masked"], name="add_mask"),
+            helper.make_node("Softmax", ["masked"], ["y"], name="softmax", axis=-1),
+        ],
+        "masked_softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("keep", TensorProto.BOOL, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [
+            onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w"),
+            onnx.numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+            onnx.numpy_helper.from_array(np.array(np.finfo(np.float32).min, dtype=np.float32), "fill"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    result = lower(model)
+    assert decisions(result)["mask_fill"]["precision"] == "float16"
+    from onnx.reference import ReferenceEvaluator
+
+    keep = np.array([[True] * 4 + [False] * 4, [False] * 8])
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    y = ReferenceEvaluator(result.model.to_proto()).run(None, {"x": x, "keep": keep})[0]
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, session(model).run(None, {"x": x, "keep": keep})[0], atol=2e-3)
 
 
 def test_tiny_addends_do_not_keep_a_node_float32_but_tiny_factors_do():
@@ -253,3 +305,24 @@ def test_tiny_addends_do_not_keep_a_node_float32_but_tiny_factors_do():
     by_name = decisions(lower(model))
     assert by_name["add_bias"]["precision"] == "float16"
     assert by_name["scale_down"]["rule"].startswith("initializer-range") and "mostly below" in by_name["scale_down"]["rule"]
+
+
+def test_tiny_biases_of_fused_and_standard_ops_do_not_keep_them_float32():
+    """torchvision's ViT initializes MLP biases with std 1e-6: a bias input underflowing float16
+    is added, not multiplied, so Gemm (input C) and the fused BiasGelu stay lowered."""
+    tiny = np.full(16, 1e-6, dtype=np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "bias"], ["h"], name="gemm"),
+            helper.make_node("BiasGelu", ["h", "bias"], ["y"], name="bias_gelu", domain="com.microsoft"),
+        ],
+        "tiny_bias",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [onnx.numpy_helper.from_array(np.eye(16, dtype=np.float32), "w"), onnx.numpy_helper.from_array(tiny, "bias")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
+    by_name = decisions(lower(model))
+    assert by_name["gemm"]["precision"] == "float16" and by_name["bias_gelu"]["precision"] == "float16"
