@@ -4,7 +4,7 @@
 
 Usage::
 
-    python benchmarks/int8_cpu.py                                  # every model (~10 min on 2 cores)
+    python benchmarks/int8_cpu.py                                  # every model and the calibration table (~6-10 min on 2 cores)
     python benchmarks/int8_cpu.py --models digits_cnn,resnet18 --json int8.json
     python benchmarks/int8_cpu.py --models resnet18 --dump-fused   # op counts after onnxruntime's fusion
 
@@ -34,22 +34,30 @@ Variants, each from the same FP32 model after onnxmp's ``fp32`` preset (BatchNor
 every quantizer sees the same graph:
 
 - ``fp32``: that model.
-- ``onnxmp``: the ``int8-cpu`` preset's pipeline (placement for the CPU provider, ``measure`` on:
-  when INT8 is not faster, the pass keeps the float model and the row says ``kept fp32``); its
-  validation gates are not applied here, the table shows the numbers instead.
-- ``onnxmp-int8``: the same pipeline with ``measure`` off: the INT8 model whatever its speed
+- ``onnxmp``: the ``int8-cpu`` preset's pipeline (placement for the CPU provider, MSE
+  calibration, the cost model on: when INT8 is not estimated 1.2x faster, the pass keeps the
+  float model and the row says ``kept fp32``); its validation gates are not applied here, the
+  table shows the numbers instead. Calibrated afresh for every row (no cache), so ``convert_s``
+  is the whole pipeline's time including calibration.
+- ``onnxmp-int8``: the same pipeline with the cost model off: the INT8 model whatever its speed
   (shows what INT8 does to accuracy where ``onnxmp`` kept FP32).
 - ``ort-default``: ``quantize_static`` with its defaults (QDQ, int8 activations and weights,
   per-tensor, MinMax).
-- ``ort-minmax`` / ``ort-entropy``: ``quantize_static`` QDQ, per-channel, uint8 activations, int8
-  weights, MinMax / Entropy calibration.
+- ``ort-minmax`` / ``ort-entropy`` / ``ort-percentile``: ``quantize_static`` QDQ, per-channel,
+  uint8 activations, int8 weights, MinMax / Entropy / Percentile calibration.
+
+Then (``--calibration-model``, ``--calibration-batches``) the calibration cost: ``onnxmp-int8`` and
+the three calibrators on 10 and 200 batches (the case's batches cycled), each in a fresh process,
+time and peak resident memory (``VmHWM``).
 
 Columns: ``speedup`` = FP32 median latency / variant median latency, timed in pairs: the two
 sessions (``onnxmp.runtime.make_session``, CPU provider, all graph optimizations, batch 1, random
 inputs from ``make_inputs``) run alternately, ``--repeats`` times after ``--warmup`` (more for fast
 models, so that at least a second is timed); ``fp32`` against itself shows the noise;
 ``top1`` = fraction of rows whose argmax is the FP32 model's (logits: over the classes; the
-detector: over the 80 class channels of each anchor); ``acc`` = held-out accuracy where labels
+detector: over the 80 class channels of each anchor; the json also has ``top1_decided``, the same
+over anchors whose FP32 top-2 class logits differ by at least ``DECIDED_MARGIN``, and their
+``decided_share``); ``acc`` = held-out accuracy where labels
 exist; ``rel_l2`` = ||int8 - fp32|| / ||fp32|| of the first output; ``qlinear`` = integer kernels
 onnxruntime runs after its fusion (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, ...).
 """
@@ -64,7 +72,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -75,6 +83,7 @@ FIXTURES = REPO / "fixtures"
 OPSET = 17
 CALIB_SAMPLES, CALIB_BATCH, EVAL_SAMPLES, EVAL_BATCH = 16, 4, 64, 8
 INTEGER_KERNELS = ("QLinear", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantize")
+DECIDED_MARGIN = 1.0  # detector: anchors whose FP32 top-2 class logits differ by at least this are "decided"
 
 
 # ----------------------------------------------------------------------------- model builders
@@ -277,7 +286,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "yolo_like": lambda: _random_case("yolo_like", build_yolo_like(), [3, 320, 320], classes_axis=1),
     "bert_like": lambda: _random_case("bert_like", build_bert_like(), [128, 768]),
 }
-VARIANTS = ("fp32", "onnxmp", "onnxmp-int8", "ort-default", "ort-minmax", "ort-entropy")
+VARIANTS = ("fp32", "onnxmp", "onnxmp-int8", "ort-default", "ort-minmax", "ort-entropy", "ort-percentile")
 
 
 # ----------------------------------------------------------------------------- variants
@@ -294,19 +303,24 @@ def prepare_fp32(case: Case) -> onnx.ModelProto:
     return optimize_model(case.model, "fp32").model.to_proto()
 
 
-def make_onnxmp(fp32: onnx.ModelProto, calib_dir: Path, measure: bool = True) -> tuple[onnx.ModelProto, str]:
+def make_onnxmp(fp32: onnx.ModelProto, calib_dir: Path, forced: bool = False, cache: Path | None = None) -> tuple[onnx.ModelProto, str]:
+    """The ``int8-cpu`` preset's pipeline; ``forced``: with its cost model off (INT8 whatever the
+    estimate). ``cache``: a fresh folder, so that calibration is timed, not read back."""
     from onnxmp.api import optimize_model
     from onnxmp.policy import load_policy
 
     pipeline = str(load_policy("int8-cpu").pipeline())
-    if not measure:
-        pipeline = pipeline.replace("measure=true", "measure=false") if "measure=true" in pipeline else pipeline
-    result = optimize_model(fp32, "fp32", passes=pipeline, calibration_data=calib_dir, calibration_cache=None)
+    if forced:
+        pipeline = pipeline.replace("cost_model=true", "cost_model=false")
+    with tempfile.TemporaryDirectory(prefix="onnxmp-cache-") as fresh:
+        result = optimize_model(fp32, "fp32", passes=pipeline, calibration_data=calib_dir, calibration_cache=cache or fresh)
     verdicts = [d for d in result.report["decisions"] if d.get("pass") == "qdq-insertion" and "kept" in d]
     status = "int8"
     if verdicts and not verdicts[0]["kept"]:
-        status = f"kept fp32 (int8 measured {verdicts[0]['speedup']:.2f}x)"
-    elif not any(d.get("precision") == "int8" for d in result.report["decisions"]):
+        status = f"kept fp32 (int8 estimated {verdicts[0]['estimated_speedup']:.2f}x)"
+    elif verdicts:
+        status = f"int8 (estimated {verdicts[0]['estimated_speedup']:.2f}x)"
+    if not any(d.get("precision") == "int8" for d in result.report["decisions"]) and not status.startswith("kept"):
         status = "kept fp32 (nothing to quantize)"
     return result.model.to_proto(), status
 
@@ -319,7 +333,7 @@ class _Reader:
         return next(self.items, None)
 
 
-def make_ort(fp32: onnx.ModelProto, batches: list[dict], variant: str, folder: Path) -> tuple[onnx.ModelProto, str]:
+def make_ort(fp32: onnx.ModelProto, batches: Iterable[dict], variant: str, folder: Path) -> tuple[onnx.ModelProto, str]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     source, target = folder / f"{variant}.in.onnx", folder / f"{variant}.onnx"
@@ -327,7 +341,8 @@ def make_ort(fp32: onnx.ModelProto, batches: list[dict], variant: str, folder: P
     options: dict[str, Any] = {"quant_format": QuantFormat.QDQ}
     if variant != "ort-default":
         options.update(per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        options["calibrate_method"] = CalibrationMethod.Entropy if variant == "ort-entropy" else CalibrationMethod.MinMax
+        methods = {"ort-entropy": CalibrationMethod.Entropy, "ort-percentile": CalibrationMethod.Percentile}
+        options["calibrate_method"] = methods.get(variant, CalibrationMethod.MinMax)
     quantize_static(str(source), str(target), _Reader(batches), **options)
     return onnx.load(str(target)), "int8"
 
@@ -383,14 +398,18 @@ def fused_ops(model: onnx.ModelProto) -> collections.Counter:
 def agreement(case: Case, reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | None]:
     ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
     rel_l2 = float(np.linalg.norm(cand64 - ref64) / max(np.linalg.norm(ref64), 1e-30))
-    top1 = None
+    top1, extra = None, {}
     if reference.ndim >= 2:
         if case.classes_axis == 1 and reference.ndim == 3:  # detector: 4 box channels, then classes
-            top1 = float(np.mean(reference[:, 4:, :].argmax(1) == candidate[:, 4:, :].argmax(1)))
+            same = reference[:, 4:, :].argmax(1) == candidate[:, 4:, :].argmax(1)
+            top1 = float(np.mean(same))
+            ranked = np.sort(reference[:, 4:, :], axis=1)
+            decided = ranked[:, -1, :] - ranked[:, -2, :] >= DECIDED_MARGIN
+            extra = {"top1_decided": float(np.mean(same[decided])), "decided_share": float(np.mean(decided))}
         elif reference.ndim == 2 or case.name != "transformer_block":
             top1 = float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))
     accuracy = float(np.mean(candidate.argmax(-1) == case.labels)) if case.labels is not None else None
-    return {"top1": top1, "rel_l2": rel_l2, "acc": accuracy}
+    return {"top1": top1, "rel_l2": rel_l2, "acc": accuracy, **extra}
 
 
 def run_case(case: Case, variants: list[str], warmup: int, repeats: int, dump_fused: bool) -> list[dict]:
@@ -407,7 +426,7 @@ def run_case(case: Case, variants: list[str], warmup: int, repeats: int, dump_fu
                 if variant == "fp32":
                     model, status = fp32, "fp32"
                 elif variant in ("onnxmp", "onnxmp-int8"):
-                    model, status = make_onnxmp(fp32, calib_dir, measure=variant == "onnxmp")
+                    model, status = make_onnxmp(fp32, calib_dir, forced=variant == "onnxmp-int8")
                 else:
                     model, status = make_ort(fp32, case.calib, variant, folder)
                 row["convert_s"] = round(time.perf_counter() - start, 2)
@@ -422,6 +441,60 @@ def run_case(case: Case, variants: list[str], warmup: int, repeats: int, dump_fu
                 row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
             rows.append(row)
             print(_format_row(row), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- calibration cost
+CALIBRATION_TOOLS = ("onnxmp", "ort-entropy", "ort-percentile", "ort-minmax")
+
+
+def calibrate_once(name: str, tool: str, count: int) -> dict[str, Any]:
+    """In this process: quantize model ``name`` with ``tool`` on ``count`` calibration batches
+    (the case's batches, cycled) and return the seconds it took and the process's peak RSS
+    (``VmHWM``: unlike ``ru_maxrss``, it starts afresh at exec, not at the parent's peak)."""
+    case = CASES[name]()
+    fp32 = prepare_fp32(case)
+    with tempfile.TemporaryDirectory(prefix="onnxmp-calib-") as tmp:
+        folder = Path(tmp)
+        batches = [case.calib[i % len(case.calib)] for i in range(count)]
+        calib_dir = _write_batches(folder / "calib", batches)
+        before_mb = _status_mb("VmRSS")
+        start = time.perf_counter()
+        if tool == "onnxmp":
+            make_onnxmp(fp32, calib_dir, forced=True, cache=folder / "cache")
+        else:
+            make_ort(fp32, (dict(np.load(p)) for p in sorted(calib_dir.glob("*.npz"))), tool, folder)
+        seconds = time.perf_counter() - start
+    peak_mb = _status_mb("VmHWM")
+    return {"model": name, "tool": tool, "batches": count, "seconds": round(seconds, 2), "peak_mb": round(peak_mb, 1),
+            "before_mb": round(before_mb, 1)}  # fmt: skip
+
+
+def _status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (kB) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def calibration_table(name: str, counts: list[int]) -> list[dict]:
+    """:func:`calibrate_once` for every tool and batch count, each in a fresh process (its peak is its own)."""
+    import subprocess
+
+    rows = []
+    for tool in CALIBRATION_TOOLS:
+        for count in counts:
+            command = [sys.executable, __file__, "--calibrate-once", f"{name},{tool},{count}"]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            try:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                row = {"model": name, "tool": tool, "batches": count, "status": f"failed: {done.stderr.strip()[-200:]}"}
+            rows.append(row)
+            print(f"{row['model']:<18} {tool:<15} {count:>5} batches {_fmt(row.get('seconds'), '8.2f')} s "
+                  f"{_fmt(row.get('peak_mb'), '9.1f')} MB peak ({_fmt(row.get('before_mb'), '7.1f')} MB before)  "
+                  f"{row.get('status', '')}", flush=True)  # fmt: skip
     return rows
 
 
@@ -447,10 +520,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dump-fused", action="store_true", help="record the op counts after onnxruntime's fusion")
     parser.add_argument("--json", type=Path, help="write every number to this file")
+    parser.add_argument("--calibration-model", default="cnn_bn_residual", help="model of the calibration time/memory table ('' to skip)")
+    parser.add_argument("--calibration-batches", default="10,200", help="batch counts of that table (4 samples each)")
+    parser.add_argument("--calibrate-once", metavar="MODEL,TOOL,BATCHES", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
     sys.path.insert(0, str(REPO))
+    if args.calibrate_once:
+        name, tool, count = args.calibrate_once.split(",")
+        print(json.dumps(calibrate_once(name, tool, int(count))))
+        return 0
     print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, batch 1, median of {args.repeats}")
     print(HEADER, flush=True)
     rows = []
@@ -459,8 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + HEADER)
     for row in rows:
         print(_format_row(row))
+    calibration = []
+    if args.calibration_model:
+        print(f"\ncalibration time and peak memory ({args.calibration_model}, 4 samples per batch):")
+        calibration = calibration_table(args.calibration_model, [int(c) for c in args.calibration_batches.split(",")])
     if args.json:
-        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+        document = {"onnxruntime": ort.__version__, "cpus": os.cpu_count(), "rows": rows, "calibration": calibration}
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 

@@ -117,7 +117,7 @@ def _validate(original: Any, model: Model, policy: Policy, gates: Any, data: Any
     calibration data; or, failing both, random inputs, which the report says)."""
     from onnxmp.data import input_specs, load_batches, random_batches
     from onnxmp.runtime import PROVIDERS
-    from onnxmp.validate import validate
+    from onnxmp.validate import top1_specs, validate
 
     section = policy.data.get("validation", {})
     path = Path(data) if data is not None else policy.section_path("validation")
@@ -130,7 +130,8 @@ def _validate(original: Any, model: Model, policy: Policy, gates: Any, data: Any
         batches = random_batches(specs, count=4, batch_size=2)
     runtime = section.get("runtime", "auto")
     providers = ("reference",) if runtime == "reference" else _validation_providers(policy.target, PROVIDERS)
-    report = validate(original, model.to_proto(), batches, gates, providers, max_batches=section.get("batches"))
+    report = validate(original, model.to_proto(), batches, gates, providers, max_batches=section.get("batches"),
+                      top1=top1_specs(section))  # fmt: skip
     if path is None and calibration is None:
         report.notes.append("validated on random inputs (no validation or calibration data): a smoke test only")
     if runtime == "auto" and providers == (PROVIDERS["cpu"],) and policy.target != "cpu":

@@ -397,3 +397,11 @@ class Calibrator:
         self.cache.put(key, stats)
         return stats
 
+    def histograms(self, model: onnx.ModelProto, tensors: list[str], bins: int, nonfinite: str = "count") -> dict[str, Any]:
+        """|x| histograms of ``tensors`` of ``model`` (see :func:`onnxmp.quant_calibration.collect_histograms`),
+        cached next to the statistics."""
+        from onnxmp.quant_calibration import collect_histograms
+
+        folder = self.cache.folder if self.cache is not None else None
+        return collect_histograms(model, self.batches, tensors, bins, self.progress, folder, nonfinite)
+

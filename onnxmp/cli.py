@@ -57,10 +57,14 @@ def main() -> None:
 @click.option("--dump-after", multiple=True, metavar="PASS", help="Write the text form after PASS (repeatable).")
 @click.option("--dump-dir", type=click.Path(path_type=Path), default=None, help="Folder for --dump-after (default: OUT.dump/).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Report JSON path (default: OUT with .report.json).")
+@click.option("--fix-dim", "fix_dims", multiple=True, metavar="NAME=VALUE", help="Fix a symbolic input dimension, e.g. batch=32 (repeatable): specialize-shapes runs with it.")
+@click.option("--fix-shape", "fix_shapes", multiple=True, metavar="INPUT=D0xD1x...", help="Fix an input's whole shape, e.g. input_ids=32x128 (repeatable).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @_friendly_errors
-def optimize_command(input_model, output_model, policy, target, passes, calibration_data, calibration_cache, validation_data, verify_each, dump_after, dump_dir, report_path, quiet):
+def optimize_command(input_model, output_model, policy, target, passes, calibration_data, calibration_cache, validation_data, verify_each, dump_after, dump_dir, report_path, fix_dims, fix_shapes, quiet):
     """Optimize IN into OUT as the policy says."""
+    if fix_dims or fix_shapes:
+        policy, passes = _with_fixed_shapes(policy, passes, fix_dims, fix_shapes)
     report_path = report_path or output_model.with_suffix(".report.json")
     if dump_after and dump_dir is None:
         dump_dir = output_model.with_name(output_model.name + ".dump")
@@ -84,6 +88,16 @@ def optimize_command(input_model, output_model, policy, target, passes, calibrat
         if "validation" in result.report:
             _print_validation(result.report["validation"])
         console.print(f"wrote {output_model} and {report_path}")
+
+
+def _with_fixed_shapes(policy, passes, fix_dims, fix_shapes):
+    """The policy (or textual pipeline) with specialize-shapes configured by --fix-dim/--fix-shape."""
+    from onnxmp.passes.specialize_shapes import parse_dims, parse_shapes, specialized_pipeline, specialized_policy
+
+    dims, shapes = parse_dims(list(fix_dims), "--fix-dim"), parse_shapes(list(fix_shapes), "--fix-shape")
+    if passes:
+        return policy, specialized_pipeline(passes, dims, shapes)
+    return specialized_policy(load_policy(policy), dims, shapes), None
 
 
 def _print_validation(validation: dict) -> None:
@@ -262,6 +276,47 @@ def bench_command(model_path, provider, batch, warmup, repeats, dim_values, nhwc
         console.print(f"wrote {json_path}")
 
 
+@main.command("build-engine")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("engine_path", metavar="ENGINE", type=click.Path(path_type=Path))
+@click.option("--fp16", is_flag=True, help="Allow FP16 kernels.")
+@click.option("--int8", is_flag=True, help="Allow INT8 kernels: a Q/DQ model, or a float model with --calibration-cache.")
+@click.option("--calibration-cache", type=click.Path(path_type=Path), default=None, help="TensorRT calibration cache (TRT-<version>-<algorithm> text) for a float model with --int8.")
+@click.option("--workspace", default=None, metavar="SIZE", help="Builder workspace limit, e.g. 4GiB, 512MiB or bytes (default: TensorRT's).")
+@click.option("--shape", "shape_values", multiple=True, metavar="INPUT=D0xD1x...", help="Shape of an input with dynamic dimensions (repeatable; every such input needs one).")
+@_friendly_errors
+def build_engine_command(model_path, engine_path, fp16, int8, calibration_cache, workspace, shape_values):
+    """Build a TensorRT engine from MODEL (e.g. a Q/DQ model) into ENGINE; needs onnxmp[tensorrt]."""
+    from onnxmp.passes.specialize_shapes import parse_shapes
+    from onnxmp.tensorrt_engine import EngineOptions, build_engine
+
+    options = EngineOptions(
+        fp16=fp16,
+        int8=int8,
+        calibration_cache=calibration_cache,
+        workspace_bytes=None if workspace is None else _size_bytes(workspace),
+        shapes=parse_shapes(list(shape_values), "--shape"),
+    )
+    with console.status(f"building a TensorRT engine from {model_path.name}", spinner="dots"):
+        result = build_engine(model_path, engine_path, options)
+    shapes = ", ".join(f"{name}: [{','.join(map(str, dims))}]" for name, dims in result.inputs.items())
+    console.print(f"wrote {result.path} ({result.bytes / 1e6:.1f} MB; TensorRT {result.tensorrt}; {'+'.join(result.precisions)}; {shapes})")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _size_bytes(text: str) -> int:
+    """'4GiB', '512M', '1000000' -> bytes (K/M/G alone are binary, as TensorRT's tools read them)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise OnnxmpError(f"--workspace expects a size such as 4GiB, 512MiB or a number of bytes, got '{text}'")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 @main.command("validate")
 @click.argument("original_model", metavar="ORIGINAL", type=click.Path(path_type=Path))
 @click.argument("candidate_model", metavar="CANDIDATE", type=click.Path(path_type=Path))
@@ -307,6 +362,31 @@ def validate_command(original_model, candidate_model, data_path, policy, max_bat
             click.echo(f"error: {line}", err=True)
         click.echo(failure_hint(report), err=True)
         sys.exit(1)
+
+
+@main.command("calibrate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--calibration-data", type=click.Path(path_type=Path), required=True, help="Folder of .npz/.npy batches or one .npz.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="mse", show_default=True, help="Range method.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="With --method percentile: the percentile of |x| kept.")
+@click.option("--tensorrt-cache", type=click.Path(path_type=Path), default=None, help="Write TensorRT's calibration cache (symmetric int8) here.")
+@click.option("--ort-trt-table", type=click.Path(path_type=Path), default=None, help="Write onnxruntime's TensorRT calibration table (flatbuffers) here.")
+@click.option("--ort-overrides", type=click.Path(path_type=Path), default=None, help="Write onnxruntime TensorQuantOverrides JSON (uint8 asymmetric activations) here.")
+@_friendly_errors
+def calibrate_command(model_path, calibration_data, method, percentile, tensorrt_cache, ort_trt_table, ort_overrides):
+    """Calibrate MODEL's float tensors and export the scales for TensorRT and onnxruntime."""
+    from onnxmp.calibration import default_cache_dir
+    from onnxmp.quant_calibration import export_calibration
+
+    if not (tensorrt_cache or ort_trt_table or ort_overrides):
+        raise click.UsageError("give at least one of --tensorrt-cache, --ort-trt-table, --ort-overrides")
+    common = dict(method=method, percentile=percentile, progress=True, cache_dir=default_cache_dir())
+    if tensorrt_cache or ort_trt_table:
+        params = export_calibration(model_path, calibration_data, tensorrt_cache=tensorrt_cache, ort_trt_table=ort_trt_table, **common)
+        console.print(f"calibrated {len(params)} tensors ({method}) for TensorRT")
+    if ort_overrides:
+        params = export_calibration(model_path, calibration_data, dtype="uint8", symmetric=False, ort_overrides=ort_overrides, **common)
+        console.print(f"calibrated {len(params)} tensors ({method}) for onnxruntime")
 
 
 if __name__ == "__main__":

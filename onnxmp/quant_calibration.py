@@ -54,7 +54,7 @@ DTYPES = ("int8", "uint8", "float8e4m3fn")
 ORT_QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8", "float8e4m3fn": "QFLOAT8E4M3FN"}
 FP8_E4M3FN_MAX = 448.0
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-HISTOGRAM_CACHE_VERSION = 1
+HISTOGRAM_CACHE_VERSION = 2
 DEFAULT_TENSORRT_VERSION = "10.0.0"
 _CHUNK = 1 << 20  # values binned per numpy pass: temporaries stay near 16 MB whatever the tensor size
 _CANDIDATE_ROWS = 64  # mse thresholds evaluated per pass: bounds its (rows x bins) temporaries
@@ -71,8 +71,10 @@ class TensorHistogram:
     those of one histogram of all the data, whatever the batches and their order; the observed
     values fill between half and all of the bins.
 
-    ``count`` counts every value, ``zeros`` the exact zeros; ``min`` and ``max`` are exact
-    (inf and -inf while nothing was seen).
+    ``count`` counts every finite value, ``zeros`` the exact zeros; ``min`` and ``max`` are exact
+    (inf and -inf while nothing was seen). ``nonfinite`` counts NaN/Inf values that
+    :meth:`update` dropped when told to (``nonfinite="count"``), ``nonfinite_batch`` names the
+    first batch that held one.
     """
 
     def __init__(self, name: str, bins: int = DEFAULT_BINS):
@@ -85,6 +87,8 @@ class TensorHistogram:
         self.zeros = 0
         self.min = math.inf
         self.max = -math.inf
+        self.nonfinite = 0
+        self.nonfinite_batch: str | None = None
 
     @property
     def width(self) -> float:
@@ -94,14 +98,23 @@ class TensorHistogram:
     def absmax(self) -> float:
         return max(-self.min, self.max) if self.count else 0.0
 
-    def update(self, values: np.ndarray, batch: str) -> None:
-        """Add one array's values; NaN or Inf is a DataError naming the tensor and ``batch``."""
+    def update(self, values: np.ndarray, batch: str, nonfinite: str = "raise") -> None:
+        """Add one array's values. NaN or Inf is a DataError naming the tensor and ``batch``, or
+        with ``nonfinite="count"`` is dropped and counted in ``nonfinite``."""
         flat = np.asarray(values, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
         low, high = float(flat.min()), float(flat.max())
         if not (math.isfinite(low) and math.isfinite(high)):
-            raise self._nonfinite(flat, batch)
+            if nonfinite != "count":
+                raise self._nonfinite(flat, batch)
+            finite = np.isfinite(flat)
+            self.nonfinite += flat.size - int(np.count_nonzero(finite))
+            self.nonfinite_batch = self.nonfinite_batch or batch
+            flat = flat[finite]
+            if flat.size == 0:
+                return
+            low, high = float(flat.min()), float(flat.max())
         self._cover(max(-low, high))
         for start in range(0, flat.size, _CHUNK):
             self._add(flat[start : start + _CHUNK])
@@ -127,7 +140,7 @@ class TensorHistogram:
 
     def _add(self, chunk: np.ndarray) -> None:
         magnitude = np.abs(chunk)
-        self.zeros += magnitude.size - int(np.count_nonzero(magnitude))
+        self.zeros += int(np.count_nonzero(magnitude == 0))  # faster than counting nonzero floats
         if not self.range:
             self.counts[0] += magnitude.size
             return
@@ -153,6 +166,7 @@ class TensorHistogram:
         return {
             "name": self.name, "bins": self.bins, "range": self.range, "count": self.count,
             "zeros": self.zeros, "min": self.min, "max": self.max, "counts": self.counts.tolist(),
+            "nonfinite": self.nonfinite, "nonfinite_batch": self.nonfinite_batch,
         }
 
     @classmethod
@@ -164,6 +178,7 @@ class TensorHistogram:
         histogram.counts = counts
         histogram.range, histogram.min, histogram.max = float(data["range"]), float(data["min"]), float(data["max"])
         histogram.count, histogram.zeros = int(data["count"]), int(data["zeros"])
+        histogram.nonfinite, histogram.nonfinite_batch = int(data["nonfinite"]), data["nonfinite_batch"]
         return histogram
 
 
@@ -205,26 +220,40 @@ def collect_histograms(
     bins: int = DEFAULT_BINS,
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    nonfinite: str = "raise",
 ) -> dict[str, TensorHistogram]:
     """Histograms of ``tensors`` (graph inputs or node outputs) of ``model`` over every batch.
 
-    One pass over the data; only ``tensors`` are fetched from onnxruntime. With ``cache_dir``
-    the histograms are read from, or written to, ``histograms-<bins>-<key>.json`` there, keyed
-    by the model's graph, the data and the tensors, as :class:`onnxmp.calibration.Calibrator`
-    keys its statistics.
+    One pass over the data; only ``tensors`` are fetched from onnxruntime. NaN/Inf in the data
+    itself is always a DataError naming the batch file and input; NaN/Inf that the model
+    computes is a DataError naming the tensor and batch, or with ``nonfinite="count"`` is
+    counted in the histogram's ``nonfinite`` (the quantizer then keeps that tensor float). With
+    ``cache_dir`` the histograms are read from, or written to,
+    ``histograms-<bins>-<key>.json`` there, keyed by the model's graph, the data, the tensors and
+    ``nonfinite``, as :class:`onnxmp.calibration.Calibrator` keys its statistics. The range
+    method is not part of the key: it is applied to the histograms afterwards, so every method
+    reuses the same cached histograms.
     """
     names = list(dict.fromkeys(tensors))
     _check_bins(bins)
+    if nonfinite not in ("raise", "count"):
+        raise OnnxmpError(f"nonfinite must be 'raise' or 'count', not {nonfinite!r}")
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"histograms-{bins}-{cache_key(model, batches.digest, sorted(names))}.json"
+        key = cache_key(model, f"{batches.digest};nonfinite={nonfinite}", sorted(names))
+        path = Path(cache_dir) / f"histograms-{bins}-{key}.json"
         cached = _read_cache(path)
         if cached is not None:
             return cached
     histograms = {name: TensorHistogram(name, bins) for name in names}
+    seen = 0
     for label, arrays in stream_tensors(model, batches, names, progress):
+        seen += 1
         for name, array in arrays.items():
-            histograms[name].update(array, label)
+            histograms[name].update(array, label, nonfinite)
+    if not seen:
+        source = getattr(batches, "description", "the calibration data")
+        raise DataError(f"{source} gives no calibration batches; give at least one")
     if path is not None:
         _write_cache(path, histograms)
     return histograms
@@ -714,3 +743,60 @@ def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def _unwritable(path: str | os.PathLike, exc: OSError) -> OnnxmpError:
     return OnnxmpError(f"cannot write '{path}': {exc.strerror or exc}; check that its folder exists and is writable")
+
+
+# ------------------------------------------------------------------------------ one call
+def export_calibration(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration_data: str | os.PathLike | BatchSource,
+    *,
+    method: str = "mse",
+    dtype: str = "int8",
+    symmetric: bool = True,
+    percentile: float = 99.99,
+    bins: int = DEFAULT_BINS,
+    tensors: list[str] | None = None,
+    tensorrt_cache: str | os.PathLike | None = None,
+    ort_trt_table: str | os.PathLike | None = None,
+    ort_overrides: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, QuantParams]:
+    """Calibrate ``model`` on ``calibration_data`` and write the exports asked for.
+
+    ``tensors`` defaults to every float graph input and node output of the main graph (the
+    types from onnx's shape inference). Returns the parameters per tensor; writes
+    :func:`write_tensorrt_calibration_cache` to ``tensorrt_cache``,
+    :func:`write_ort_trt_calibration_table` to ``ort_trt_table`` and
+    :func:`write_ort_quant_overrides` to ``ort_overrides``. NaN or Inf in the data or computed by
+    the model is a DataError naming the batch (and input or tensor); the files are written only
+    after every tensor was calibrated, so a failure writes none of them. The defaults (symmetric
+    int8) are what TensorRT uses; for onnxruntime's CPU provider pass ``dtype="uint8",
+    symmetric=False``.
+    """
+    from onnxmp.data import input_specs, load_batches
+
+    _check_options(method, dtype, symmetric, percentile)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    batches = calibration_data if isinstance(calibration_data, BatchSource) else load_batches(calibration_data, input_specs(proto))
+    names = tensors if tensors is not None else _float_tensors(proto)
+    histograms = collect_histograms(proto, batches, names, bins, progress, cache_dir)
+    params = quantization_params(histograms, method, symmetric, dtype, percentile)
+    if tensorrt_cache is not None:
+        write_tensorrt_calibration_cache(params, tensorrt_cache)
+    if ort_trt_table is not None:
+        write_ort_trt_calibration_table(params, ort_trt_table)
+    if ort_overrides is not None:
+        write_ort_quant_overrides(params, ort_overrides)
+    return params
+
+
+def _float_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float32 graph inputs and node outputs of the main graph, in graph order."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    initializers = {t.name for t in graph.initializer}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    names = [vi.name for vi in graph.input if vi.name not in initializers]
+    names += [o for node in graph.node for o in node.output if o]
+    return [n for n in dict.fromkeys(names) if types.get(n) == onnx.TensorProto.FLOAT]

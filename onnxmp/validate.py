@@ -19,10 +19,16 @@ Metrics, per output name (all over the whole data set, not averaged per batch):
   finite in both; 1.0 when both are all zeros, 0.0 when exactly one is.
 * ``top1_agreement``: for classifier-shaped outputs only, the fraction of rows whose argmax over
   the last axis is the same in both models. Classifier-shaped means a floating-point output of
-  rank 2 (``[N, C]``) or rank 3 (``[N, T, C]``, e.g. per-token logits) whose last dimension is
-  greater than 1; each ``N`` (or ``N * T``) row is one prediction, and rows where the original
-  has a NaN/Inf are skipped. Rank 4 and above is excluded on purpose: there the class axis is
-  usually axis 1 (NCHW), not the last one. ``None`` for other outputs.
+  rank 2 (``[N, C]``) whose last dimension is greater than 1; each row is one prediction, and
+  rows where the original has a NaN/Inf are skipped. Rank 3 is excluded by default because
+  ``[N, T, H]`` is far more often a hidden state (BERT's ``last_hidden_state``, where an argmax
+  over 768 features means nothing) than per-token logits; rank 4 and above because the class axis
+  is usually axis 1 (NCHW). ``None`` for other outputs. Per-token logits need
+  ``validation.top1.<output>: {"class_axis": -1}``. Detector outputs such as
+  ``[N, 4 + classes, anchors]`` (YOLOv8) or ``[N, anchors, 5 + classes]`` (YOLOv5) need a
+  :class:`Top1Spec` (policy ``validation.top1.<output>``): the class axis, the slice of it that
+  holds class scores (leaving box coordinates out), and a ``min_score`` below which an anchor is
+  background and not counted; or ``class_axis: null`` to leave an output out of top-1.
 
 Sessions use onnxruntime's default graph optimization level (``ORT_ENABLE_ALL``) for both
 models, which is how they are deployed; both see exactly the same feeds. A candidate whose
@@ -78,6 +84,24 @@ _GATE_PROPERTIES: dict[str, Any] = {
     },
 }
 
+_TOP1_PROPERTIES: dict[str, Any] = {
+    "class_axis": {
+        "type": ["integer", "null"],
+        "description": "axis of the class scores (negative counts from the end); null: no top-1 for this output",
+    },
+    "classes": {
+        "type": "array",
+        "items": {"type": ["integer", "null"]},
+        "minItems": 2,
+        "maxItems": 2,
+        "description": "[start, stop] of the class scores along class_axis (stop null: to the end), e.g. [4, null] after 4 box coordinates",
+    },
+    "min_score": {
+        "type": ["number", "null"],
+        "description": "count only rows whose largest original class score is at least this (detectors: confident anchors)",
+    },
+}
+
 VALIDATION_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "accuracy gates checked by comparing the candidate with the original on data",
@@ -97,6 +121,16 @@ VALIDATION_SCHEMA: dict[str, Any] = {
                 "(slow; faithful float16/bfloat16 numerics where onnxruntime's CPU provider computes in float32)"
             ),
         },
+        "top1": {
+            "type": "object",
+            "description": "per output: where its class scores are, for top-1 agreement (default: the last axis of [N, C] and [N, T, C] outputs)",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["class_axis"],
+                "properties": _TOP1_PROPERTIES,
+            },
+        },
         "gates": {
             "type": "object",
             "additionalProperties": False,
@@ -115,6 +149,38 @@ VALIDATION_SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+# ---------------------------------------------------------------- top-1 of one output
+@dataclass(frozen=True)
+class Top1Spec:
+    """Where an output's class scores are: ``class_axis`` (None: no top-1 for it), the slice
+    ``[start, stop)`` of that axis holding them, and ``min_score``: rows whose largest original
+    score in the slice is below it are left out. Every other axis indexes predictions."""
+
+    class_axis: int | None
+    start: int = 0
+    stop: int | None = None
+    min_score: float | None = None
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "Top1Spec":
+        start, stop = data.get("classes") or (0, None)
+        if start is None:
+            start = 0
+        if start < 0 or (stop is not None and stop <= start):
+            raise PolicyError(f"validation.top1.{name}.classes: [{start}, {stop}] is not a slice [start, stop) with 0 <= start < stop")
+        return cls(data["class_axis"], int(start), None if stop is None else int(stop), data.get("min_score"))
+
+    def rows(self, array: np.ndarray) -> np.ndarray:
+        """The scores as [predictions, classes]."""
+        scores = np.moveaxis(array, self.class_axis, -1)[..., self.start : self.stop]
+        return scores.reshape(-1, scores.shape[-1])
+
+
+def top1_specs(section: Mapping[str, Any] | None) -> dict[str, Top1Spec]:
+    """Top-1 specs per output from a validation section's ``top1`` object."""
+    return {name: Top1Spec.from_dict(name, data) for name, data in dict((section or {}).get("top1") or {}).items()}
 
 
 # ---------------------------------------------------------------- gates
@@ -252,6 +318,7 @@ class OutputMetrics:
     candidate_dtype: str | None = None
     shape_mismatch: str | None = None  # the first batch whose shapes differ; always a failure
     note: str | None = None  # why the output was not compared, if it was not
+    top1_spec: Top1Spec | None = None  # where the class scores are; None: the default rule
 
     @property
     def rel_l2_error(self) -> float:
@@ -286,9 +353,7 @@ class OutputMetrics:
         self.original_dtype = self.original_dtype or str(original.dtype)
         self.candidate_dtype = self.candidate_dtype or str(candidate.dtype)
         if self.top1_applies is None:
-            self.top1_applies = bool(
-                original.dtype.kind == "f" and original.ndim in (2, 3) and original.shape[-1] > 1
-            )
+            self.top1_applies = self._top1_applies(original)
         if original.shape != candidate.shape:
             if self.shape_mismatch is None:
                 self.shape_mismatch = (
@@ -315,14 +380,36 @@ class OutputMetrics:
             self.sum_sq_candidate += float(np.dot(c_cmp, c_cmp))
             self.dot += float(np.dot(o_cmp, c_cmp))
         if self.top1_applies and original.ndim >= 2 and original.size:
-            rows_o = original.reshape(-1, original.shape[-1])
-            rows_c = candidate.reshape(-1, candidate.shape[-1])
+            spec = self.top1_spec or Top1Spec(-1)
+            rows_o, rows_c = spec.rows(original), spec.rows(candidate)
             valid = np.isfinite(rows_o).all(axis=1)
+            if spec.min_score is not None:
+                valid &= rows_o.max(axis=1, initial=-np.inf) >= spec.min_score
             if not valid.all():
                 rows_o, rows_c = rows_o[valid], rows_c[valid]
             # np.argmax treats NaN as the largest value, so a NaN row in the candidate mostly disagrees.
             self.top1_rows += int(rows_o.shape[0])
             self.top1_agree += int(np.count_nonzero(np.argmax(rows_o, axis=1) == np.argmax(rows_c, axis=1)))
+
+    def _top1_applies(self, original: np.ndarray) -> bool:
+        """The default rule, or the spec (checked against the output's rank here)."""
+        spec = self.top1_spec
+        if spec is None:
+            return bool(original.dtype.kind == "f" and original.ndim == 2 and original.shape[-1] > 1)
+        if spec.class_axis is None:
+            return False
+        if not -original.ndim <= spec.class_axis < original.ndim or original.ndim < 2:
+            raise PolicyError(
+                f"validation.top1.{self.name}.class_axis is {spec.class_axis}, but output '{self.name}' has rank "
+                f"{original.ndim}; give an axis of its shape {list(original.shape)}"
+            )
+        classes = len(range(original.shape[spec.class_axis])[spec.start : spec.stop])
+        if classes < 2:
+            raise PolicyError(
+                f"validation.top1.{self.name}: classes [{spec.start}, {spec.stop}] leave {classes} class score(s) "
+                f"on axis {spec.class_axis} of shape {list(original.shape)}; top-1 needs at least 2"
+            )
+        return original.dtype.kind == "f"
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -464,7 +551,7 @@ def check_gates(outputs: Mapping[str, OutputMetrics], gates: Gates) -> tuple[dic
                 raise PolicyError(
                     f"validation.gates.outputs.{name}.min_top1_agreement is set, but top-1 agreement does not "
                     f"apply to output '{name}' (it is not a floating-point [N, C] or [N, T, C] output with C > 1); "
-                    "remove that gate"
+                    f"remove that gate, or say where its class scores are in validation.top1.{name}"
                 )
             if top1 is not None and top1 < g.min_top1_agreement:
                 value, gate = _fmt(top1, g.min_top1_agreement)
@@ -711,8 +798,12 @@ def validate(
     providers: tuple[str, ...] | list[str] = ("CPUExecutionProvider",),
     *,
     max_batches: int | None = None,
+    top1: Mapping[str, Top1Spec] | None = None,
 ) -> ValidationReport:
     """Run both models on every batch (at most ``max_batches``) and hold each output to ``gates``.
+
+    ``top1`` says per output where its class scores are (:class:`Top1Spec`, e.g. from
+    :func:`top1_specs` of a policy's validation section); other outputs follow the default rule.
 
     ``original`` and ``candidate`` are ModelProtos, onnxmp Models or paths; ``batches`` is any
     iterable of ``{input name: array}`` dicts (e.g. an ``onnxmp.data`` BatchSource). Returns the
@@ -730,7 +821,14 @@ def validate(
             "a candidate must take the original's inputs"
         )
     gates.check_output_names(first.output_names)
-    metrics = {name: OutputMetrics(name) for name in first.output_names}
+    top1 = dict(top1 or {})
+    unknown = [name for name in top1 if name not in first.output_names]
+    if unknown:
+        raise PolicyError(
+            f"validation.top1 names output(s) {', '.join(repr(n) for n in unknown)} that the model does not have; "
+            f"its outputs are {', '.join(repr(n) for n in first.output_names)}"
+        )
+    metrics = {name: OutputMetrics(name, top1_spec=top1.get(name)) for name in first.output_names}
     count = 0
     for index, batch in enumerate(itertools.islice(batches, max_batches)):
         if not isinstance(batch, Mapping):
@@ -793,4 +891,4 @@ def validate_files(
         max_batches = section.get("batches")
     _, header = _model_source(original, "original")  # the graph's I/O without loading the weights
     source = load_batches(data, input_specs(header))
-    return validate(original, candidate, source, gates, providers, max_batches=max_batches)
+    return validate(original, candidate, source, gates, providers, max_batches=max_batches, top1=top1_specs(section))

@@ -35,23 +35,41 @@ quantized output would be a graph output, which onnxruntime does not fuse), ``no
 of such a tensor, which always includes 0, is empty: an all-zero tensor), ``outside-region``
 (qlinear/move ops outside an integer region), ``opset`` (MaxPool before opset 12).
 
-Scales: activations get min-max ranges from ``ctx.calibration`` (``_activation_params``, the one
-place a histogram calibration plugs in), widened to include 0, asymmetric uint8 by default (the
-u8s8 fast path of x86 VNNI; onnxruntime does not fuse int8-activation Conv on x86). Weights are
-int8, symmetric in [-127, 127], per output channel (axis 0 for Conv, the output axis of a Gemm or
-2-D MatMul weight); an all-zero channel gets scale 1. The report lists every quantized tensor
-with its scale, zero point, method and clip fraction.
+Calibration: placement runs twice. First from the graph alone (``_Placement.observed_tensors``:
+every activation tensor that a node no structural rule keeps float may quantize), then
+``ctx.calibration.histograms`` observes only those tensors in one pass over the data: fixed-size
+``|x|`` histograms (``histogram_bins``) merged batch by batch, so memory stays flat in the number
+of batches; cached next to the statistics, keyed by model, data, tensor list and bins (the range
+method is applied afterwards, so every method reuses them). Then placement runs on the
+parameters. NaN/Inf in the data is an error naming the batch file and input; NaN/Inf the model
+computes keeps the readers of that tensor float (rule ``non-finite``).
 
-``measure`` (off by default; on in the ``int8-cpu`` preset, with ``min_speedup`` 1.1): after
-placement, the model before and after this pass are timed on onnxruntime's CPU provider at batch
-1 (alternating runs on the same random inputs, ``measure_repeats`` each or more so that at least
-half a second is timed, median); when the INT8 model is not at least ``min_speedup`` times
-faster, the pass returns the float model unchanged and records rule ``slower-in-int8``. The timing makes the
+Scales: activations get the range ``calibration_method`` picks from the histogram (minmax,
+percentile, entropy or mse, ``onnxmp.quant_calibration``; mse by default: on the benchmark models
+it kept top-1 agreement at least as well as minmax and entropy, see benchmarks/README.md),
+widened to include 0, asymmetric uint8 by default (the u8s8 fast path of x86 VNNI; onnxruntime
+does not fuse int8-activation Conv on x86). Weights are int8, symmetric in [-127, 127], per
+output channel (axis 0 for Conv, the output axis of a Gemm or 2-D MatMul weight); an all-zero
+channel gets scale 1. The report lists every quantized tensor with its scale, zero point,
+method, range and clip fraction (the share of calibration values beyond the range).
+
+``cost_model`` (off by default; on in the ``int8-cpu`` preset, with ``min_speedup`` 1.2): the
+float and the QDQ model are costed by ``onnxmp.cpu_cost`` (MACs of the integer-kernel anchors,
+elements converted at region boundaries, node overhead); when INT8 is not estimated
+``min_speedup`` times faster, the pass returns the float model unchanged and records rule
+``estimated-slower-in-int8``. Deterministic: the same input gives the same bytes.
+
+``measure`` (off by default): after placement (and the cost model, when on and it kept INT8), the
+model before and after this pass are timed on onnxruntime's CPU provider at batch 1 (alternating
+runs on the same random inputs, ``measure_repeats`` each or more so that at least half a second
+is timed, median); when the INT8 model is not at least ``min_speedup`` times faster, the pass
+returns the float model unchanged and records rule ``slower-in-int8``. The timing makes the
 output depend on the machine; leave it off where byte-stable output matters.
 
 A model that already holds QuantizeLinear/DequantizeLinear or integer ops is left as it is
-(rule ``already-quantized``). Only the main graph is quantized, and only target ``cpu`` has
-placement rules so far.
+(rule ``already-quantized``). Only the main graph is quantized. Target ``tensorrt`` (INT8 or,
+with ``activation_dtype=fp8``, FP8 E4M3FN) has a placement of its own, TensorRT's explicit
+quantization: ``passes/qdq_tensorrt.py``.
 """
 
 from __future__ import annotations
@@ -64,7 +82,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from onnxmp.errors import DataError, PassError, PolicyError
 from onnxmp.ir import (
@@ -77,7 +95,10 @@ from onnxmp.ir import (
     set_provenance,
     subgraphs,
 )
+from onnxmp.cpu_cost import CostEstimate
+from onnxmp.cpu_cost import estimate as estimate_cost
 from onnxmp.pass_manager import Pass, PassContext, register
+from onnxmp.quant_calibration import DEFAULT_BINS, METHODS, MIN_BINS, TensorHistogram, quantization_params
 from onnxmp.shapes import infer_shapes
 
 NAME = "qdq-insertion"
@@ -128,6 +149,7 @@ CPU_OPS: dict[str, OpRule] = {
     "Resize": OpRule(MOVE),
 }
 TARGET_OPS = {"cpu": CPU_OPS}
+TENSORRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")  # placement: passes/qdq_tensorrt.py
 ABSORBABLE = ("Relu", "Clip")
 QUANTIZED_OPS = {
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -150,6 +172,8 @@ class QType:
 QTYPES = {
     "uint8": QType("uint8", TensorProto.UINT8, np.uint8, 0, 255),
     "int8": QType("int8", TensorProto.INT8, np.int8, -128, 127),
+    # FLOAT8E4M3FN, for target tensorrt only (opset 19); its name is quant_calibration's dtype
+    "fp8": QType("float8e4m3fn", TensorProto.FLOAT8E4M3FN, helper.tensor_dtype_to_np_dtype(TensorProto.FLOAT8E4M3FN), -448, 448),
 }
 WEIGHT_QMAX = 127  # weights: int8 symmetric in [-127, 127]
 
@@ -178,34 +202,37 @@ class QuantParams:
         return entry
 
 
-def _activation_params(name: str, stats: dict, qtype: QType, symmetric: bool) -> QuantParams | str:
+def _activation_params(
+    name: str, stats: dict[str, TensorHistogram], qtype: QType, symmetric: bool, method: str = "minmax",
+    percentile: float = 99.99,
+) -> QuantParams | str:  # fmt: skip
     """Scale and zero point of activation tensor ``name``, or the rule that keeps it float.
 
-    Min-max over the calibration statistics (``onnxmp.calibration.TensorStats``), the range
-    widened to include 0 so that zero (padding, Relu) is exact. Histogram methods (percentile,
-    entropy, mse from ``onnxmp.quant_calibration``) replace this function's body; they also
-    report the fraction of calibration values they clip, which min-max never does.
+    ``stats`` holds the ``|x|`` histograms of ``onnxmp.quant_calibration``; ``method`` turns one
+    into a clipping threshold (``quantization_params``: the range widened to include 0, so that
+    zero, padding and Relu outputs, is exact). The clip fraction is the share of calibration
+    values beyond the range. A tensor that is 0 on every calibration value keeps its readers
+    float (rule ``zero-range``): no scale says anything about values calibration never saw. When
+    a percentile falls on the exact zeros of a mostly-zero tensor (range 0, values beyond it),
+    the tensor falls back to its min-max range.
     """
     seen = stats.get(name)
     if seen is None:
         return f"no-statistics: {name}"
     if seen.nonfinite:
-        return f"non-finite: {name} held {seen.nonfinite} NaN/Inf values in calibration"
-    if seen.finite == 0:
+        return (f"non-finite: {name} held {seen.nonfinite} NaN/Inf values in calibration "
+                f"(first on batch '{seen.nonfinite_batch}')")  # fmt: skip
+    if seen.count == 0:
         return f"zero-range: {name} has no finite calibration values"
-    rmin, rmax = min(float(seen.min), 0.0), max(float(seen.max), 0.0)
-    if symmetric:
-        bound = max(-rmin, rmax)
-        scale = np.float32(bound / WEIGHT_QMAX)
-        zero_point = 0 if qtype.qmin < 0 else (qtype.qmin + qtype.qmax + 1) // 2
-    else:
-        scale = np.float32((rmax - rmin) / (qtype.qmax - qtype.qmin))
-        zero_point = int(np.clip(np.rint(qtype.qmin - rmin / scale), qtype.qmin, qtype.qmax)) if scale > 0 else 0
-    if not np.isfinite(scale) or scale < np.finfo(np.float32).tiny:
-        return f"zero-range: {name} is constant 0 in calibration (range [{rmin:g}, {rmax:g}])"
-    return QuantParams(
-        np.asarray(scale, np.float32), np.asarray(zero_point, qtype.numpy), qtype, "minmax", 0.0, None, (rmin, rmax)
-    )
+    if seen.absmax == 0:
+        return f"zero-range: {name} is constant 0 in calibration"
+    found = quantization_params({name: seen}, method, symmetric, qtype.name, percentile)[name]
+    label = method
+    if found.threshold <= 0:
+        found = quantization_params({name: seen}, "minmax", symmetric, qtype.name)[name]
+        label = f"minmax ({method} range was 0)"
+    return QuantParams(np.asarray(found.scale, np.float32), np.asarray(found.zero_point, qtype.numpy), qtype, label,
+                       found.clip_fraction, None, (found.low, found.high))  # fmt: skip
 
 
 def _constant_params(values: np.ndarray, qtype: QType, symmetric: bool) -> QuantParams | str:
@@ -213,9 +240,9 @@ def _constant_params(values: np.ndarray, qtype: QType, symmetric: bool) -> Quant
     values = np.asarray(values, np.float32)
     if not np.isfinite(values).all():
         return "non-finite constant"
-    from onnxmp.calibration import TensorStats
-
-    found = _activation_params("constant", {"constant": TensorStats.of(values)}, qtype, symmetric)
+    histogram = TensorHistogram("constant", MIN_BINS)
+    histogram.update(values, "constant")
+    found = _activation_params("constant", {"constant": histogram}, qtype, symmetric)
     if isinstance(found, QuantParams):
         found.method = "minmax-constant"
     return found
@@ -259,8 +286,9 @@ class QdqInsertionOptions:
         default=None,
         metadata={"help": "op types that may be quantized (null: every op the target fuses; see `onnxmp passes`)"},
     )
-    activation_dtype: Literal["uint8", "int8"] = field(
-        default="uint8", metadata={"help": "activation type; uint8 is onnxruntime's fused path on x86 (u8s8)"}
+    activation_dtype: Literal["uint8", "int8", "fp8"] = field(
+        default="uint8",
+        metadata={"help": "activation type; uint8 is onnxruntime's fused path on x86 (u8s8); fp8 (E4M3FN, weights too) for target tensorrt"},
     )
     activation_symmetric: bool = field(
         default=False, metadata={"help": "symmetric activation ranges (zero point 0 / 128); asymmetric by default"}
@@ -278,9 +306,23 @@ class QdqInsertionOptions:
         metadata={"help": "time the model before and after on the CPU provider and keep the float model unless INT8 is faster"},
     )
     min_speedup: float = field(
-        default=1.0, metadata={"help": "with measure: INT8 must be at least this many times faster", "minimum": 0}
+        default=1.0, metadata={"help": "with measure or cost_model: INT8 must be (estimated) at least this many times faster", "minimum": 0}
     )
     measure_repeats: int = field(default=20, metadata={"help": "with measure: timed runs per model", "minimum": 1})
+    cost_model: bool = field(
+        default=False,
+        metadata={"help": "keep the float model unless INT8 is estimated min_speedup times faster (onnxmp.cpu_cost: deterministic)"},
+    )
+    calibration_method: Literal["minmax", "percentile", "entropy", "mse"] = field(
+        default="mse",
+        metadata={"help": "activation range from the calibration histograms: minmax, percentile, entropy (KL, as TensorRT) or mse"},
+    )
+    percentile: float = field(
+        default=99.99, metadata={"help": "with calibration_method=percentile: the percentile of |x| kept", "minimum": 50, "maximum": 100}
+    )
+    histogram_bins: int = field(
+        default=DEFAULT_BINS, metadata={"help": "bins of each calibration histogram (a power of two >= 512)", "minimum": MIN_BINS}
+    )
 
 
 # ------------------------------------------------------------------------------ the pass
@@ -294,7 +336,7 @@ class QdqInsertion(Pass):
 
     def __init__(self, options: QdqInsertionOptions | None = None):
         super().__init__(options)
-        known = set().union(*TARGET_OPS.values())
+        known = set().union(*TARGET_OPS.values(), TENSORRT_OPS)
         chosen = self.options.op_types
         if chosen is not None:
             unknown = sorted(set(chosen) - known)
@@ -307,17 +349,26 @@ class QdqInsertion(Pass):
             except re.error as exc:
                 raise PolicyError(f"keep_node_patterns: '{text}' is not a valid regular expression ({exc})") from exc
         self.qtype = QTYPES[self.options.activation_dtype]
+        bins = self.options.histogram_bins
+        if bins < MIN_BINS or bins & (bins - 1):
+            raise PolicyError(f"histogram_bins: {bins} is not a power of two of at least {MIN_BINS}; the default is {DEFAULT_BINS}")
+        if self.options.calibration_method not in METHODS:
+            raise PolicyError(f"calibration_method: '{self.options.calibration_method}' is not one of {', '.join(METHODS)}")
+        if not 50 <= self.options.percentile <= 100:
+            raise PolicyError(f"percentile: {self.options.percentile} is not between 50 and 100")
 
     def run(self, model: Model, ctx: PassContext) -> bool:
         graph = model.graph
         if any(n.op in QUANTIZED_OPS for n in graph.nodes):
             ctx.record(**{"pass": NAME, "rule": "already-quantized"})
             return False
-        if ctx.target not in TARGET_OPS:
+        if ctx.target not in (*TARGET_OPS, "tensorrt"):
             raise PassError(
-                f"pass '{NAME}' has placement rules for target(s) {', '.join(TARGET_OPS)} only, not "
-                f"'{ctx.target}'; use --target cpu"
+                f"pass '{NAME}' has placement rules for target(s) {', '.join((*TARGET_OPS, 'tensorrt'))} only, not "
+                f"'{ctx.target}'; use --target cpu or --target tensorrt"
             )
+        if self.options.activation_dtype == "fp8" and ctx.target != "tensorrt":
+            raise PassError(f"pass '{NAME}': activation_dtype fp8 is for target tensorrt; '{ctx.target}' has no fp8 kernels")
         if ctx.calibration is None:
             raise PassError(
                 f"pass '{NAME}' needs calibration data for activation scales; give --calibration-data "
@@ -326,20 +377,30 @@ class QdqInsertion(Pass):
         if model.opset() < 10:
             raise PassError(f"pass '{NAME}' needs opset 10 or later (QuantizeLinear); the model has opset {model.opset()}")
         infer_shapes(model)
-        before = model.to_proto() if self.options.measure else None
+        if ctx.target == "tensorrt":
+            from onnxmp.passes.qdq_tensorrt import quantize_for_tensorrt
+
+            return quantize_for_tensorrt(model, ctx, self)
+        before = model.to_proto() if self.options.measure or self.options.cost_model else None
         kept_provenance = {n.name: provenance(n) for n in graph.nodes} if before is not None else {}
+        float_cost = estimate_cost(graph) if self.options.cost_model else None
+        plan = _Placement(model, ctx, self)
+        observed = plan.observed_tensors()
         try:
-            stats = ctx.calibration.statistics(model.to_proto())
+            plan.stats = ctx.calibration.histograms(before or model.to_proto(), observed, self.options.histogram_bins)
         except DataError as exc:  # the pipeline reports only PassError as a pass's own failure
             raise PassError(f"pass '{NAME}' cannot calibrate: {exc}") from exc
-        plan = _Placement(model, ctx, self, stats)
         plan.solve()
         if not plan.quantized:
             plan.record(ctx, None)
             return False
         _Rewriter(model, ctx, plan).apply()
-        if before is not None:
-            verdict = _measure(before, model.to_proto(), self.options.measure_repeats, self.options.min_speedup)
+        verdicts = []
+        if float_cost is not None:
+            verdicts.append(_estimate_verdict(float_cost, estimate_cost(model.graph), self.options.min_speedup))
+        if self.options.measure and all(v["kept"] for v in verdicts):
+            verdicts.append(_measure(before, model.to_proto(), self.options.measure_repeats, self.options.min_speedup))
+        for verdict in verdicts:
             ctx.record(**{"pass": NAME, **verdict})
             if not verdict["kept"]:
                 restored = Model.from_proto(before)
@@ -350,7 +411,7 @@ class QdqInsertion(Pass):
                         set_provenance(node, kept_provenance[node.name])
                 model.shapes_current = False
                 infer_shapes(model)
-                plan.record(ctx, "slower-in-int8")
+                plan.record(ctx, verdict["rule"])
                 return False
         plan.record(ctx, None)
         return True
@@ -360,8 +421,9 @@ class QdqInsertion(Pass):
 class _Placement:
     """Which nodes run in INT8, which tensors carry Q/DQ and with which parameters."""
 
-    def __init__(self, model: Model, ctx: PassContext, owner: QdqInsertion, stats: dict):
-        self.model, self.ctx, self.owner, self.stats = model, ctx, owner, stats
+    def __init__(self, model: Model, ctx: PassContext, owner: QdqInsertion):
+        self.model, self.ctx, self.owner = model, ctx, owner
+        self.stats: dict[str, TensorHistogram] = {}  # set after observed_tensors() were calibrated
         self.graph = model.graph
         self.options = owner.options
         table = TARGET_OPS[ctx.target]
@@ -376,6 +438,26 @@ class _Placement:
         self.param_cache: dict[int, QuantParams | str] = {}
 
     # -------------------------------------------------------------- rules
+    def observed_tensors(self) -> list[str]:
+        """Names of every activation tensor this placement may quantize, from the graph alone:
+        the activation inputs and the output of each node that no structural rule keeps float,
+        and the output of a Relu/Clip it may absorb. Calibration observes only these."""
+        names: dict[str, None] = {}
+        for node in self.graph.nodes:
+            rule = self.rules.get(node.op)
+            if rule is None or node.domain not in (None, "", "ai.onnx"):
+                continue
+            if self._static_reason(node, rule, statistics=False):
+                continue
+            for index in self.data_inputs(node, rule):
+                if constant_value(node.inputs[index]) is None:
+                    names[node.inputs[index].name] = None
+            out = node.outputs[0]
+            names[out.name] = None
+            if len(out.outputs) == 1 and out.outputs[0].op in ABSORBABLE:
+                names[out.outputs[0].outputs[0].name] = None
+        return list(names)
+
     def solve(self) -> None:
         candidates = {}
         for node in self.graph.nodes:
@@ -404,7 +486,7 @@ class _Placement:
             self._absorb()
         self._assign_params()
 
-    def _static_reason(self, node: gs.Node, rule: OpRule) -> str:
+    def _static_reason(self, node: gs.Node, rule: OpRule, statistics: bool = True) -> str:
         if subgraphs(node):
             return "subgraph"
         if node.op in self.options.keep_op_types:
@@ -429,7 +511,7 @@ class _Placement:
                     if isinstance(found, str):
                         return f"{found}: {tensor.name}"
                 continue
-            found = self.activation(tensor)
+            found = self.activation(tensor) if statistics else None
             if isinstance(found, str):
                 return found
         if all(constant_value(node.inputs[i]) is not None for i in self.data_inputs(node, rule)):
@@ -470,7 +552,8 @@ class _Placement:
         key = id(tensor)
         if key not in self.param_cache:
             self.param_cache[key] = _activation_params(
-                tensor.name, self.stats, self.owner.qtype, self.options.activation_symmetric
+                tensor.name, self.stats, self.owner.qtype, self.options.activation_symmetric,
+                self.options.calibration_method, self.options.percentile,
             )
         return self.param_cache[key]
 
@@ -748,6 +831,14 @@ def _rewire(user: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------ measuring
+def _estimate_verdict(float_cost: CostEstimate, int8_cost: CostEstimate, min_speedup: float) -> dict[str, Any]:
+    """Whether the QDQ model is estimated at least ``min_speedup`` times faster (``onnxmp.cpu_cost``)."""
+    speedup = float_cost.ms / int8_cost.ms if int8_cost.ms > 0 else float("inf")
+    kept = speedup >= min_speedup
+    return {"rule": "estimated" if kept else "estimated-slower-in-int8", "kept": kept, "estimated_speedup": round(speedup, 3),
+            "min_speedup": min_speedup, "fp32_estimate": float_cost.report(), "int8_estimate": int8_cost.report()}  # fmt: skip
+
+
 def _measure(before: Any, after: Any, repeats: int, min_speedup: float) -> dict[str, Any]:
     """Median latency of both models on the CPU provider, runs alternating on the same inputs."""
     from onnxmp.errors import OnnxmpError

@@ -198,6 +198,59 @@ def test_nan_computed_by_the_model_names_tensor_and_batch(tmp_path):
         collect_histograms(model, load_batches(tmp_path, input_specs(model)), ["root"], progress=False)
 
 
+def test_nan_computed_by_the_model_can_be_counted_instead(tmp_path):
+    arrays = save_probe_batches(tmp_path)
+    model = probe_model()
+    histograms = collect_histograms(model, load_batches(tmp_path, input_specs(model)), ["root"], progress=False, nonfinite="count")
+    x = np.concatenate(arrays)
+    root = histograms["root"]
+    assert root.nonfinite == np.count_nonzero(x < 0) and root.nonfinite_batch == "batch_000.npz"
+    assert root.count == np.count_nonzero(x >= 0) and root.max == pytest.approx(np.sqrt(x.max()))
+    assert TensorHistogram.from_json(root.to_json()).to_json() == root.to_json()
+    with pytest.raises(OnnxmpError, match="nonfinite"):
+        collect_histograms(model, load_batches(tmp_path, input_specs(model)), ["root"], progress=False, nonfinite="skip")
+
+
+def test_zero_batches_are_a_data_error():
+    from onnxmp.data import FileBatches
+
+    with pytest.raises(DataError, match="nothing here gives no calibration batches"):
+        collect_histograms(probe_model(), FileBatches([], [], "nothing here"), ["relu"], progress=False)
+
+
+def test_export_calibration_writes_every_format_or_nothing(tmp_path):
+    from onnxmp.quant_calibration import export_calibration
+
+    paths = {"tensorrt_cache": tmp_path / "model.cache", "ort_trt_table": tmp_path / "table.flatbuffers", "ort_overrides": tmp_path / "overrides.json"}
+    params = export_calibration(DIGITS, DIGITS_CALIB, **paths)
+    assert "x" in params and DIGITS_RELU in params and "logits" in params and len(params) == 15
+    lines = paths["tensorrt_cache"].read_text().splitlines()
+    assert lines[0].startswith("TRT-") and len(lines) == 1 + len(params)
+    assert set(read_ort_quant_overrides(paths["ort_overrides"])) == set(params)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.savez(bad / "batch_000.npz", x=np.full((2, 1, 8, 8), np.inf, np.float32))
+    others = {key: tmp_path / f"again_{path.name}" for key, path in paths.items()}
+    with pytest.raises(DataError, match="input 'x' holds 128 NaN or Inf"):
+        export_calibration(DIGITS, bad, **others)
+    assert not any(path.exists() for path in others.values())
+
+
+def test_cli_calibrate_exports(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from onnxmp.cli import main
+
+    monkeypatch.setenv("ONNXMP_CACHE_DIR", str(tmp_path / "cache"))
+    cache, overrides = tmp_path / "digits.cache", tmp_path / "digits.json"
+    result = CliRunner().invoke(main, ["calibrate", str(DIGITS), "--calibration-data", str(DIGITS_CALIB), "--method", "percentile",
+                                       "--tensorrt-cache", str(cache), "--ort-overrides", str(overrides)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert cache.read_text().startswith("TRT-") and json.loads(overrides.read_text())["x"][0]["quant_type"] == "QUInt8"
+    result = CliRunner().invoke(main, ["calibrate", str(DIGITS), "--calibration-data", str(DIGITS_CALIB)])
+    assert result.exit_code != 0 and "at least one of" in result.output
+
+
 def test_nan_in_the_data_names_input_and_batch(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     np.savez(tmp_path / "batch_000.npz", x=np.array([[1.0, np.nan, 0.0, 2.0]], np.float32))

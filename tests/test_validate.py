@@ -15,7 +15,10 @@ from onnxmp.validate import (
     VALIDATION_SCHEMA,
     Gates,
     OutputMetrics,
+    Top1Spec,
+    check_validation_section,
     gates_from_policy,
+    top1_specs,
     validate,
 )
 
@@ -180,21 +183,81 @@ def test_top1_agreement_on_a_crafted_classifier():
     assert report.failures == ["output 'y': top-1 agreement 0.6 < gate 0.7 (2 of 5 rows changed their argmax)"]
 
 
-def test_top1_counts_rows_of_rank3_outputs_and_skips_other_shapes():
-    metrics = OutputMetrics("tokens")
+def test_top1_of_rank3_outputs_needs_a_spec_and_other_shapes_are_skipped():
     original = np.zeros((2, 3, 4))
     original[..., 1] = 1.0  # argmax 1 everywhere
     candidate = original.copy()
     candidate[0, 0, 3] = 2.0  # one of the 6 [N, T] rows flips
-    metrics.update(original, candidate)
-    assert (metrics.top1_agree, metrics.top1_rows) == (5, 6)
-    for shape in [(8,), (8, 1), (2, 3, 4, 5)]:
+    hidden = OutputMetrics("last_hidden_state")  # by default [N, T, H] is a hidden state: no top-1
+    hidden.update(original, candidate)
+    assert hidden.top1_agreement is None
+    tokens = OutputMetrics("tokens", top1_spec=Top1Spec(class_axis=-1))  # per-token logits, as a policy names them
+    tokens.update(original, candidate)
+    assert (tokens.top1_agree, tokens.top1_rows) == (5, 6)
+    for shape in [(8,), (8, 1), (2, 3, 4), (2, 3, 4, 5)]:
         other = OutputMetrics("other")
         other.update(np.ones(shape, np.float32), np.ones(shape, np.float32))
         assert other.top1_agreement is None, shape
     integers = OutputMetrics("labels")
     integers.update(np.ones((4, 3), np.int64), np.ones((4, 3), np.int64))
     assert integers.top1_agreement is None
+
+
+def detections(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """[N, 4 + classes, anchors], as YOLOv8 writes it."""
+    return np.concatenate([boxes, scores], axis=1).astype(np.float32)
+
+
+def test_top1_of_a_detector_output_reads_the_class_channels_of_confident_anchors():
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 320, (2, 4, 6))  # pixel coordinates: they would win every argmax over axis 1
+    scores = rng.uniform(0, 0.2, (2, 3, 6))
+    scores[:, 1, :3] = 0.9  # anchors 0-2 confidently class 1; anchors 3-5 background
+    original = detections(boxes, scores)
+    moved = detections(boxes + 1.0, scores)  # boxes moved: class decisions unchanged
+    flipped_background = scores.copy()
+    flipped_background[0, 2, 4] = 0.5  # a background anchor changes its argmax
+    flipped_confident = scores.copy()
+    flipped_confident[0, 0, 0] = 0.95  # a confident anchor changes class
+    spec = Top1Spec(class_axis=1, start=4, min_score=0.25)
+    default = OutputMetrics("detections")
+    default.update(original, moved)
+    assert default.top1_agreement is None  # rank 3: no default class axis
+    cases = [(moved, 1.0), (detections(boxes, flipped_background), 1.0), (detections(boxes, flipped_confident), 5 / 6)]
+    for candidate, expected in cases:
+        metrics = OutputMetrics("detections", top1_spec=spec)
+        metrics.update(original, candidate)
+        assert metrics.top1_rows == 6 and metrics.top1_agreement == pytest.approx(expected)
+    everything = OutputMetrics("detections", top1_spec=Top1Spec(class_axis=1, start=4))
+    everything.update(original, detections(boxes, flipped_background))
+    assert (everything.top1_rows, everything.top1_agree) == (12, 11)
+
+
+def test_top1_specs_from_the_policy_section_and_their_errors():
+    section = {"top1": {"detections": {"class_axis": 1, "classes": [4, None], "min_score": 0.25}, "boxes": {"class_axis": None}}}
+    check_validation_section(section)
+    specs = top1_specs(section)
+    assert specs == {"detections": Top1Spec(1, 4, None, 0.25), "boxes": Top1Spec(None)}
+    off = OutputMetrics("boxes", top1_spec=specs["boxes"])
+    off.update(np.ones((2, 5), np.float32), np.ones((2, 5), np.float32))
+    assert off.top1_agreement is None
+    with pytest.raises(PolicyError, match=r"validation.top1.y.class_axis is 3, but output 'y' has rank 2"):
+        OutputMetrics("y", top1_spec=Top1Spec(3)).update(np.ones((2, 5)), np.ones((2, 5)))
+    with pytest.raises(PolicyError, match="leave 1 class score"):
+        OutputMetrics("y", top1_spec=Top1Spec(1, 4)).update(np.ones((2, 5)), np.ones((2, 5)))
+    with pytest.raises(PolicyError, match="classes"):
+        top1_specs({"top1": {"y": {"class_axis": 1, "classes": [4, 2]}}})
+    with pytest.raises(PolicyError, match=r"\$.validation.top1.y"):
+        check_validation_section({"top1": {"y": {"axis": 1}}})
+
+
+def test_validate_applies_top1_specs_and_refuses_unknown_outputs(weights):
+    model = linear(*weights)
+    data = list(batches(2))
+    report = validate(model, model, data, Gates(min_top1_agreement=1.0), top1={"logits": Top1Spec(1, 1)})
+    assert report.passed and report.outputs["logits"].top1_rows == 16
+    with pytest.raises(PolicyError, match="validation.top1 names output"):
+        validate(model, model, data, top1={"scores": Top1Spec(1)})
 
 
 def test_top1_gate_on_a_non_classifier_output_is_a_policy_error():
