@@ -25,14 +25,30 @@ and reused while the file is there; random weights, seeded):
 Variants, each converted anew on every run from the same FP32 export:
 
 - ``fp32``              the export as is;
-- ``onnxmp``            ``onnxmp.api.optimize(src, dst, "fp16")`` (target cuda, keep_io_types),
+- ``onnxmp``            ``onnxmp.api.optimize(src, dst, "fp16")`` (target cuda, keep_io_types; the
+                        preset holds the fusion passes, so this is "onnxmp FP16 fused"),
                         its validation gates fed with the benchmark's own realistic inputs
                         (``--onnxmp-validation``); when a gate fails the row says so and the model
                         is rebuilt without gates so that its speed is still measured;
+- ``onnxmp-static``     the same preset with ``specialize-shapes`` fixing batch (and sequence), one
+                        model per batch (``onnxmp optimize --policy fp16 --fix-dim batch=B
+                        --fix-dim sequence=S``), no gates; timed with ``cuda_graph=None``: the
+                        session captures a CUDA graph when every node can run on CUDA (the
+                        ``graph`` column; the row's ``session_notes`` say why not);
 - ``occ``               ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``;
 - ``ort-transformers``  ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert" or
                         "vit", num_heads=12, hidden_size=768, use_gpu=True)`` then
                         ``convert_float_to_float16(keep_io_types=True)``; n/a for ResNet-50.
+
+Work order: every model's ``fp32``, ``onnxmp`` and ``onnxmp-static`` first, the peers after, so
+that a run cut short by ``--deadline-s`` loses the least important rows; the table is sorted.
+
+Roofline: each model's FLOPs at each batch are counted once with
+``torch.utils.flop_counter.FlopCounterMode`` on the device (kept in the export's sidecar JSON);
+a row shows FLOPs / median time in TFLOP/s and the percentage of the GPU's dense tensor-core
+peak (``PEAK_TFLOPS`` by nvidia-smi's name, or ``--peak-tflops FP16,TF32``): the FP16 peak for
+FP16 rows, the TF32 peak for FP32 rows, since onnxruntime's CUDA provider computes float32
+MatMul/Conv in TF32 by default (``use_tf32=1``; the session's effective value is checked).
 
 For every model x batch x variant: ``onnxmp.runtime.benchmark`` (I/O binding on CUDA, warm-up,
 median of ``--repeats``), the speed-up against FP32 of the same model and batch, and accuracy
@@ -44,8 +60,12 @@ the row's status ("convert failed: ...", "load failed: ...").
 Each model x variant runs in its own worker process (this script with ``--worker JOB.json``):
 a converter or onnxruntime that crashes (a segfault is possible on a malformed model) costs only
 that variant's rows, whose status names the signal and the phase ("crashed (signal SIGSEGV)
-loading/running the model"). Past ``--deadline-s`` (default 510 s) the remaining work is
-skipped and the table is still printed, inside the device's 600 s limit per command.
+loading/running the model"). Past ``--deadline-s`` (default 480 s) the remaining work is
+skipped and the table is still printed, inside the device's 600 s limit per command. Targets:
+the FP16 issue's (batch 32: ViT >= 2.5x, ResNet-50 >= 2.0x, BERT at least as fast as the
+transformer optimizer) and the kernel-fusion issue's (batch 32, best onnxmp variant within the
+fp16 preset's 1e-2 gate: ResNet-50 >= 2.5x, BERT >= 2.5x, ViT >= 3.2x; batch 1 faster than
+every peer that ran; BERT's and ViT's static variants captured as CUDA graphs).
 
 The table is printed last; all numbers go to ``DIR/gpu_fp16.json`` (rewritten after every row,
 so a run that is cut short keeps what it measured), the table to ``DIR/gpu_fp16.txt``, and both
@@ -89,14 +109,36 @@ from onnxmp import runtime as rt  # noqa: E402
 
 FULL_MODELS = ("resnet50", "bert", "vit")
 TINY_MODELS = ("tiny-cnn", "tiny-bert", "tiny-vit")
-VARIANTS = ("fp32", "onnxmp", "occ", "ort-transformers")
+VARIANTS = ("fp32", "onnxmp", "onnxmp-static", "occ", "ort-transformers")
+STATIC_VARIANTS = ("onnxmp-static",)  # one model per batch, its shapes fixed
+ONNXMP_VARIANTS = ("onnxmp", "onnxmp-static")
+PEERS = ("occ", "ort-transformers")
+# Work order: what the targets need first (every model's FP32 and onnxmp rows), peers after, so
+# that a run cut short by --deadline-s loses the least important rows.
+PRIORITY = (("fp32", "onnxmp", "onnxmp-static"), ("ort-transformers", "occ"))
 BERT_SEQUENCE = 128
 BUILDER_VERSION = 1  # bump when an export changes: files exported by another version are redone
 
-# The issue's targets, checked at batch 32 (or the largest batch run) for the full models.
+# The FP16 issue's targets, checked at batch 32 (or the largest batch run) for the full models.
 VIT_MIN_SPEEDUP = 2.5
 VIT_MAX_REL_ERR = 5e-3
 RESNET_MIN_SPEEDUP = 2.0
+# The kernel-fusion issue's: the best onnxmp variant against FP32 at batch 32.
+FUSED_MIN_SPEEDUP = {"resnet50": 2.5, "bert": 2.5, "vit": 3.2}
+FP16_MAX_REL_ERR = 1e-2  # the fp16 preset's max_rel_l2_error gate
+CUDA_GRAPH_MODELS = ("bert", "vit")  # their static variants must run with CUDA graph capture
+
+# Dense (no sparsity) tensor-core peaks per GPU, TFLOP/s: (FP16/BF16, TF32), from NVIDIA's data
+# sheets. Matched against nvidia-smi's name in this order; --peak-tflops overrides.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.5, 378.0),
+    ("H100 NVL", 835.5, 417.5),
+    ("H100", 989.4, 494.7),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4, 494.7),
+    ("A100", 312.0, 156.0),
+    ("L40S", 362.05, 183.0),
+    ("L4", 121.0, 60.0),
+)
 
 # Wall-clock start of the whole run; workers inherit it, so every progress line shares one clock.
 START = float(os.environ.get("GPU_FP16_START") or time.time())
@@ -123,6 +165,8 @@ class ModelSpec:
     sequence: int | None = None  # value of every symbolic input dimension after the first
     vocab: int = 100  # token ids are drawn from [0, vocab)
     build_key: dict = field(default_factory=dict)  # a different key re-exports
+    # The torch module and its inputs for a batch, for counting FLOPs; None: no roofline.
+    module: Callable[[], tuple[Any, Callable[[int], tuple]]] | None = None
 
 
 def _torch():
@@ -179,17 +223,18 @@ def _image_dynamic(inp: str, out: str) -> dict:
     return {inp: {0: "batch"}, out: {0: "batch"}}
 
 
-def build_resnet50(path: Path) -> dict:
+def _images(size: int) -> Callable[[int], tuple]:
+    return lambda batch: (_torch().randn(batch, 3, size, size),)
+
+
+def resnet50_module():
     import torchvision
 
-    torch = _torch()
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
-    _export(model, (torch.randn(2, 3, 224, 224),), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
-    return {"source": "torchvision.models.resnet50(weights=None)", "torchvision": torchvision.__version__}
+    _torch().manual_seed(0)
+    return torchvision.models.resnet50(weights=None), _images(224)
 
 
-def build_vit(path: Path) -> dict:
+def vit_module():
     import torchvision
 
     torch = _torch()
@@ -198,7 +243,22 @@ def build_vit(path: Path) -> dict:
     head = getattr(getattr(model, "heads", None), "head", None)
     if isinstance(head, torch.nn.Linear):
         head.reset_parameters()  # torchvision initializes the head to zeros: logits would all be 0
-    _export(model, (torch.randn(2, 3, 224, 224),), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
+    return model, _images(224)
+
+
+def build_resnet50(path: Path) -> dict:
+    import torchvision
+
+    model, inputs = resnet50_module()
+    _export(model, inputs(2), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
+    return {"source": "torchvision.models.resnet50(weights=None)", "torchvision": torchvision.__version__}
+
+
+def build_vit(path: Path) -> dict:
+    import torchvision
+
+    model, inputs = vit_module()
+    _export(model, inputs(2), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
     return {"source": "torchvision.models.vit_b_16(weights=None)", "torchvision": torchvision.__version__,
             "note": "classifier head re-initialized (torchvision zero-initializes it)"}
 
@@ -219,7 +279,8 @@ def _bert_config(attn: str, **sizes):
     return config, attn
 
 
-def _export_bert(path: Path, attn: str, sequence: int, **sizes) -> dict:
+def bert_module(attn: str, sequence: int, **sizes):
+    """(wrapped BertModel, inputs for a batch, the BertModel, the attention implementation asked)."""
     import transformers
 
     torch = _torch()
@@ -238,14 +299,22 @@ def _export_bert(path: Path, attn: str, sequence: int, **sizes) -> dict:
                             token_type_ids=token_type_ids, return_dict=True)
             return out.last_hidden_state, out.pooler_output
 
-    ids = torch.randint(0, config.vocab_size, (2, sequence), dtype=torch.int64)
-    mask = torch.ones(2, sequence, dtype=torch.int64)
-    types = torch.zeros(2, sequence, dtype=torch.int64)
+    def inputs(batch: int) -> tuple:
+        ids = torch.randint(0, config.vocab_size, (batch, sequence), dtype=torch.int64)
+        return ids, torch.ones(batch, sequence, dtype=torch.int64), torch.zeros(batch, sequence, dtype=torch.int64)
+
+    return Wrapper(bert), inputs, bert, asked
+
+
+def _export_bert(path: Path, attn: str, sequence: int, **sizes) -> dict:
+    import transformers
+
+    wrapper, inputs, bert, asked = bert_module(attn, sequence, **sizes)
     names = ["input_ids", "attention_mask", "token_type_ids"]
     dynamic = {n: {0: "batch", 1: "sequence"} for n in names}
     dynamic["last_hidden_state"] = {0: "batch", 1: "sequence"}
     dynamic["pooler_output"] = {0: "batch"}
-    _export(Wrapper(bert), (ids, mask, types), path, names, ["last_hidden_state", "pooler_output"], dynamic)
+    _export(wrapper, inputs(2), path, names, ["last_hidden_state", "pooler_output"], dynamic)
     used = getattr(bert.config, "_attn_implementation", None)
     return {"source": f"transformers.BertModel(BertConfig({', '.join(f'{k}={v}' for k, v in sizes.items())}))",
             "transformers": transformers.__version__, "attn_implementation": used or asked}
@@ -290,11 +359,23 @@ def _tiny_cnn_module():
     return TinyCNN()
 
 
+def tiny_cnn_module():
+    _torch().manual_seed(0)
+    return _tiny_cnn_module(), _images(32)
+
+
+def tiny_vit_module():
+    _torch().manual_seed(0)
+    return _tiny_vit_module(), _images(32)
+
+
+TINY_BERT_SIZES = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=128)
+
+
 def build_tiny_cnn(path: Path) -> dict:
-    torch = _torch()
-    torch.manual_seed(0)
-    model = _tiny_cnn_module()
-    _export(model, (torch.randn(2, 3, 32, 32),), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
+    model, inputs = tiny_cnn_module()
+    _export(model, inputs(2), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
     return {"source": "torch: ResNet-style CNN (3 basic blocks, 32x32 input)"}
 
 
@@ -340,16 +421,13 @@ def _tiny_vit_module(image=32, patch=8, hidden=64, heads=4, layers=2, mlp=128, c
 
 
 def build_tiny_vit(path: Path) -> dict:
-    torch = _torch()
-    torch.manual_seed(0)
-    _export(_tiny_vit_module(), (torch.randn(2, 3, 32, 32),), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
+    model, inputs = tiny_vit_module()
+    _export(model, inputs(2), path, ["input"], ["logits"], _image_dynamic("input", "logits"))
     return {"source": "torch: ViT-style model (nn.MultiheadAttention, hidden 64, 4 heads, 2 layers, 32x32 input)"}
 
 
 def build_tiny_bert(attn: str) -> Callable[[Path], dict]:
-    sizes = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=128, max_position_embeddings=128)
-    return lambda path: _export_bert(path, attn, 32, **sizes)
+    return lambda path: _export_bert(path, attn, 32, **TINY_BERT_SIZES)
 
 
 def copy_fixture(name: str) -> Callable[[Path], dict]:
@@ -373,17 +451,19 @@ def model_specs(names: list[str], args) -> list[ModelSpec]:
     have_torch = _available("torch") and args.tiny_source != "fixtures"
     have_hf = have_torch and _available("transformers")
     catalog = {
-        "resnet50": lambda: ModelSpec("resnet50", build_resnet50),
+        "resnet50": lambda: ModelSpec("resnet50", build_resnet50, module=resnet50_module),
         "bert": lambda: ModelSpec("bert", build_bert(attn, args.sequence), "bert", 12, 768, args.sequence, 30522,
-                                  {"attn": attn, "sequence": args.sequence}),
-        "vit": lambda: ModelSpec("vit", build_vit, "vit", 12, 768),
-        "tiny-cnn": lambda: (ModelSpec("tiny-cnn", build_tiny_cnn) if have_torch
+                                  {"attn": attn, "sequence": args.sequence},
+                                  module=lambda: bert_module(attn, args.sequence)[:2]),
+        "vit": lambda: ModelSpec("vit", build_vit, "vit", 12, 768, module=vit_module),
+        "tiny-cnn": lambda: (ModelSpec("tiny-cnn", build_tiny_cnn, module=tiny_cnn_module) if have_torch
                              else ModelSpec("tiny-cnn", copy_fixture("cnn_bn_residual.onnx"), build_key={"fixture": 1})),
-        "tiny-bert": lambda: (ModelSpec("tiny-bert", build_tiny_bert(attn), "bert", 4, 64, 32, 1000, {"attn": attn})
+        "tiny-bert": lambda: (ModelSpec("tiny-bert", build_tiny_bert(attn), "bert", 4, 64, 32, 1000, {"attn": attn},
+                                        module=lambda: bert_module(attn, 32, **TINY_BERT_SIZES)[:2])
                               if have_hf
                               else ModelSpec("tiny-bert", copy_fixture("transformer_block.onnx"), "bert", 4, 64,
                                              build_key={"fixture": 1})),
-        "tiny-vit": lambda: (ModelSpec("tiny-vit", build_tiny_vit, "vit", 4, 64) if have_torch
+        "tiny-vit": lambda: (ModelSpec("tiny-vit", build_tiny_vit, "vit", 4, 64, module=tiny_vit_module) if have_torch
                              else ModelSpec("tiny-vit", copy_fixture("tiny_transformer.onnx"), "vit", 0, 0,
                                             build_key={"fixture": 1})),
     }
@@ -393,6 +473,59 @@ def model_specs(names: list[str], args) -> list[ModelSpec]:
             raise SystemExit(f"error: unknown model '{name}'; choose from {', '.join(catalog)} or 'tiny'")
         specs.append(catalog[name]())
     return specs
+
+
+# ================================================================================ roofline
+def count_flops(spec: ModelSpec, batches: list[int], device: str) -> dict[int, int]:
+    """FLOPs of one forward pass per batch, counted by torch.utils.flop_counter.FlopCounterMode on
+    ``device`` (matrix products and convolutions, 2 per multiply-add; elementwise work is not
+    counted, so the percentages below are of the tensor-core roofline)."""
+    torch = _torch()
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module, inputs = spec.module()
+    module = module.eval().to(device)
+    flops = {}
+    try:
+        with torch.no_grad(), _export_context():
+            for batch in batches:
+                args = tuple(a.to(device) for a in inputs(batch))
+                with FlopCounterMode(display=False) as counter:
+                    module(*args)
+                flops[batch] = int(counter.get_total_flops())
+    finally:
+        del module
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return flops
+
+
+def peak_tflops(gpu: str | None, override: list[float] | None) -> tuple[str, float, float] | None:
+    """(label, FP16 peak, TF32 peak) in TFLOP/s for nvidia-smi's GPU name; None when unknown."""
+    if override:
+        return ("--peak-tflops", override[0], override[1])
+    for name, fp16, tf32 in PEAK_TFLOPS:
+        if gpu and name.lower() in gpu.lower():
+            return (name, fp16, tf32)
+    return None
+
+
+def roofline(row: dict, flops: int | None, peak: tuple[str, float, float] | None) -> None:
+    """Achieved TFLOP/s and the percentage of the peak that fits the row's arithmetic: FP16 for
+    the FP16 variants; for FP32, TF32 when the CUDA provider's use_tf32 is on, else no peak."""
+    median = _number(row.get("median_ms"))
+    if not flops or not median:
+        return
+    row["tflops"] = flops / (median / 1000.0) / 1e12
+    if peak is None:
+        return
+    if row["variant"] != "fp32":
+        row["peak"], value = "fp16", peak[1]
+    elif row.get("tf32"):
+        row["peak"], value = "tf32", peak[2]
+    else:
+        return
+    row["pct_peak"] = 100.0 * row["tflops"] / value
 
 
 # ================================================================================ model files
@@ -557,6 +690,34 @@ def convert_onnxmp(src: Path, dst: Path, val_data: Path | None, mode: str) -> tu
     return info, note
 
 
+def static_dims(inputs: list, spec: ModelSpec, batch: int) -> dict[str, int]:
+    """The symbolic dimensions of the model's inputs fixed as the benchmark feeds them: the first
+    axis to ``batch``, every later one to the model's sequence (see make_feeds)."""
+    dims = {}
+    for _, _, shape in inputs:
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, str) and dim:
+                dims.setdefault(dim, batch if axis == 0 else (spec.sequence or 1))
+    return dims
+
+
+def convert_onnxmp_static(src: Path, dst: Path, dims: dict[str, int]) -> tuple[dict, str]:
+    """The fp16 preset with specialize-shapes fixing ``dims`` (what ``onnxmp optimize --policy fp16
+    --fix-dim NAME=VALUE ...`` runs), no validation gates: the benchmark measures accuracy itself."""
+    from onnxmp import api
+    from onnxmp.passes.specialize_shapes import specialized_passes
+    from onnxmp.policy import preset_text
+
+    policy = json.loads(preset_text("fp16"))
+    policy.pop("validation", None)
+    policy["passes"] = specialized_passes(policy["passes"], dims, {})
+    result = api.optimize(src, dst, policy, report_path=dst.with_name(dst.stem + ".report.json"))
+    rep = result.report
+    fixed = " ".join(f"--fix-dim {k}={v}" for k, v in dims.items())
+    return {"call": f"onnxmp optimize --policy fp16 {fixed} (no validation gates)", "pipeline": rep.get("pipeline"),
+            "casts": rep.get("casts"), "nodes": rep.get("nodes"), "dims": dims}, ""
+
+
 def convert_occ(src: Path, dst: Path) -> tuple[dict, str]:
     from onnxconverter_common import float16
 
@@ -614,8 +775,11 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
             "ref_norm": ref_norm}
 
 
-def run_outputs(path: Path, provider: str, feeds_by_batch: dict[int, dict], nhwc: bool | None) -> dict[int, list[np.ndarray]]:
+def run_outputs(path: Path, provider: str, feeds_by_batch: dict[int, dict], nhwc: bool | None,
+                info: dict | None = None) -> dict[int, list[np.ndarray]]:
     """One session, every batch: {batch: outputs}. Feeds are cast to the model's input dtypes.
+    ``info["tf32"]`` records whether the CUDA provider computes float32 MatMul/Conv in TF32
+    (its ``use_tf32`` option, on by default), which decides the roofline of an FP32 row.
 
     Raises _LoadError when onnxruntime cannot create the session, _RunError when it cannot run it.
     """
@@ -623,6 +787,9 @@ def run_outputs(path: Path, provider: str, feeds_by_batch: dict[int, dict], nhwc
         session = rt.make_session(str(path), provider, nhwc=nhwc)
     except Exception as exc:  # noqa: BLE001
         raise _LoadError(first_line(exc)) from exc
+    if info is not None and provider == "cuda":
+        with contextlib.suppress(Exception):
+            info["tf32"] = session.get_provider_options()["CUDAExecutionProvider"].get("use_tf32") == "1"
     try:
         wanted = {}
         for spec in session.get_inputs():
@@ -660,7 +827,8 @@ def _finite(value):
 
 
 # ================================================================================ the table
-COLUMNS = ("model", "batch", "variant", "median ms", "vs fp32", "rel err", "max abs", "NaN", "casts", "status")
+COLUMNS = ("model", "batch", "variant", "median ms", "vs fp32", "TFLOP/s", "% peak", "graph", "rel err", "max abs", "NaN",
+           "casts", "status")
 
 
 def _fmt_row(row: dict, status_width: int = 64) -> list[str]:
@@ -679,6 +847,9 @@ def _fmt_row(row: dict, status_width: int = 64) -> list[str]:
         row["variant"],
         num(row.get("median_ms"), ".3f"),
         _x(row.get("speedup")),
+        num(row.get("tflops"), ".3g"),
+        "-" if row.get("pct_peak") is None else f"{row['pct_peak']:.1f}% {row['peak']}",
+        "-" if row.get("cuda_graph") is None else ("yes" if row["cuda_graph"] else "no"),
         num(row.get("rel_err"), ".2e"),
         num(row.get("max_abs_err"), ".2e"),
         "-" if nan is None else ("yes" if nan else "no"),
@@ -690,7 +861,7 @@ def _fmt_row(row: dict, status_width: int = 64) -> list[str]:
 def render_table(rows: list[dict]) -> str:
     cells = [list(COLUMNS)] + [_fmt_row(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    right = {1, 3, 4, 5, 6, 8}
+    right = {1, 3, 4, 5, 6, 8, 9, 11}
 
     def line(values):
         parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
@@ -701,7 +872,8 @@ def render_table(rows: list[dict]) -> str:
 
 
 def check_targets(rows: list[dict], batches: list[int]) -> list[dict]:
-    """The issue's targets, for the full models in this run, at batch 32 (or the largest batch)."""
+    """The FP16 issue's targets, then the kernel-fusion issue's (fusion_targets), for the full
+    models in this run, at batch 32 (or the largest batch)."""
     if not batches:
         return []
     batch = 32 if 32 in batches else max(batches)
@@ -734,7 +906,58 @@ def check_targets(rows: list[dict], batches: list[int]) -> list[dict]:
         checks.append({"target": f"bert b{batch}: onnxmp at least as fast as ort-transformers (and no NaN)", "passed": bool(ok),
                        "measured": f"onnxmp {_ms(mine)} vs ort-transformers {_ms(theirs)} "
                                    f"(onnxmp {_x(bert.get('speedup'))}, ort-transformers {_x(peer.get('speedup'))} fp32)"})
+    checks.extend(fusion_targets(by, batch, batches))
     return checks
+
+
+def _fine(row: dict | None) -> bool:
+    """A row that ran: timed, no NaN, no failure in its status."""
+    return bool(row) and _number(row.get("median_ms")) is not None and row.get("nan") is False
+
+
+def fusion_targets(by: dict, batch: int, batches: list[int]) -> list[dict]:
+    """Batch ``batch``: the best onnxmp variant >= FUSED_MIN_SPEEDUP x FP32; batch 1: faster than
+    every peer's FP16 model that ran; BERT and ViT static variants captured as CUDA graphs."""
+    checks = []
+    models = sorted({m for m, _, _ in by} & set(FULL_MODELS), key=FULL_MODELS.index)
+
+    def best(model: str, b: int) -> dict | None:
+        candidates = [by.get((model, b, v)) for v in ONNXMP_VARIANTS]
+        candidates = [r for r in candidates if _fine(r) and (_number(r.get("rel_err")) or math.inf) <= FP16_MAX_REL_ERR]
+        return min(candidates, key=lambda r: r["median_ms"]) if candidates else None
+
+    for model in models:
+        mine = best(model, batch)
+        need = FUSED_MIN_SPEEDUP[model]
+        speed = _number(mine.get("speedup")) if mine else None
+        checks.append({"target": f"{model} b{batch}: best onnxmp variant >= {need}x fp32 (no NaN, rel err <= {FP16_MAX_REL_ERR:g})",
+                       "passed": bool(speed is not None and speed >= need),
+                       "measured": "no onnxmp row ran" if mine is None else
+                                   f"{mine['variant']} {_x(speed)} (rel {_g(mine.get('rel_err'))}, "
+                                   f"{_pct(mine)} of peak)"})
+    if 1 in batches:
+        for model in models:
+            mine = best(model, 1)
+            peers = [r for r in (by.get((model, 1, v)) for v in PEERS) if _fine(r)]
+            fastest = min(peers, key=lambda r: r["median_ms"]) if peers else None
+            ok = mine is not None and (fastest is None or mine["median_ms"] < fastest["median_ms"])
+            theirs = "no peer ran" if fastest is None else f"{fastest['variant']} {_ms(fastest['median_ms'])}"
+            checks.append({"target": f"{model} b1: faster than every peer's FP16 model", "passed": bool(ok),
+                           "measured": f"onnxmp {'-' if mine is None else mine['variant'] + ' ' + _ms(mine['median_ms'])}"
+                                       f" vs {theirs}"})
+    for model in (m for m in CUDA_GRAPH_MODELS if m in models):
+        rows = [by.get((model, b, "onnxmp-static")) for b in batches]
+        captured = [r for r in rows if r and r.get("cuda_graph") and _fine(r)]
+        notes = sorted({n for r in rows if r for n in r.get("session_notes") or []})
+        checks.append({"target": f"{model}: static-shape variant runs with CUDA graph capture at every batch",
+                       "passed": len(captured) == len(batches) and bool(batches),
+                       "measured": f"captured at {len(captured)} of {len(batches)} batches"
+                                   + (f"; {notes[0]}" if notes else "")})
+    return checks
+
+
+def _pct(row: dict) -> str:
+    return "-" if row.get("pct_peak") is None else f"{row['pct_peak']:.1f}% {row['peak']}"
 
 
 def _number(value) -> float | None:
@@ -789,6 +1012,9 @@ class Run:
         self.rows: list[dict] = []
         self.results: dict[str, Any] = {"meta": self._meta(), "models": {}, "rows": self.rows, "targets": []}
         self.deadline = START + args.deadline_s if args.deadline_s > 0 else math.inf
+        self.fp32_ms: dict[tuple[str, int], float] = {}
+        self.peak = peak_tflops(self.results["meta"].get("gpu"), args.peak_tflops)
+        self.results["meta"]["peak_tflops"] = self.peak
 
     def _meta(self) -> dict:
         import onnxruntime as ort
@@ -863,25 +1089,22 @@ class Run:
         return path, info
 
     # ---------------------------------------------------------------------------- one model
-    def run_model(self, spec: ModelSpec) -> None:
+    def prepare(self, spec: ModelSpec) -> dict | None:
+        """Export the FP32 model, count its FLOPs, write the validation data; None if it cannot be built."""
         args = self.args
         entry: dict[str, Any] = {"variants": {}}
         self.results["models"][spec.name] = entry
         if self.remaining() <= 5:
-            for variant in args.variant_list:
-                for batch in args.batch_list:
-                    self.add_row(spec.name, batch, variant, {"status": "skipped: time budget (--deadline-s)"})
-            return
+            return None
         try:
             fp32_path, entry["export"] = self.export(spec)
         except Exception as exc:  # noqa: BLE001 - a model that cannot be built is a row, not a crash
             status = f"export failed: {first_line(exc)}"
             log(f"{spec.name}: {status}")
             entry["export"] = {"error": traceback.format_exc()}
-            for batch in args.batch_list:
-                for variant in args.variant_list:
-                    self.add_row(spec.name, batch, variant, {"status": status})
-            return
+            entry["status"] = status
+            return None
+        entry["flops"] = self.flops(spec, fp32_path)
         summary = graph_summary(fp32_path)
         entry["inputs"] = [(n, np.dtype(d).name, s) for n, d, s in summary["inputs"]]
         reference = self.out / f"{spec.name}.reference.npz"
@@ -891,46 +1114,74 @@ class Run:
         if "onnxmp" in args.variant_list and args.onnxmp_validation == "data":
             val_data = self.out / f"{spec.name}.validation.npz"
             np.savez(val_data, **make_feeds(summary["inputs"], spec, 2, seed=12345))
+        return {"fp32": fp32_path, "reference": reference, "validation_data": val_data}
 
-        fp32_ms: dict[int, float] = {}
-        for variant in args.variant_list:
-            if variant == "ort-transformers" and spec.ort_type is None:
-                entry["variants"][variant] = {"status": "n/a"}
-                for batch in args.batch_list:
-                    self.add_row(spec.name, batch, variant, {"status": "n/a"})
-                continue
-            if self.remaining() <= 5:
-                entry["variants"][variant] = {"status": "skipped: time budget"}
-                for batch in args.batch_list:
-                    self.add_row(spec.name, batch, variant, {"status": "skipped: time budget (--deadline-s)"})
-                continue
-            job = {"model": spec.name, "variant": variant, "fp32": str(fp32_path), "reference": str(reference),
-                   "validation_data": str(val_data) if val_data else None, "validation": args.onnxmp_validation}
-            result = self.spawn(job)
-            if (variant == "onnxmp" and result.get("crash") and result.get("phase") == "convert"
-                    and args.onnxmp_validation != "off" and self.remaining() > 30):
-                # onnxmp's own validation runs onnxruntime on the candidate; build it without gates to
-                # tell a crash of onnxmp from a model that crashes onnxruntime when loaded.
-                log(f"{spec.name}: onnxmp crashed while converting ({result['crash']}); again without validation")
-                first = result
-                result = self.spawn(dict(job, validation="off"))
-                result.setdefault("info", {})["first_attempt"] = {k: first.get(k) for k in ("crash", "phase", "stderr_tail")}
-                result["note"] = f"crashed in onnxmp validation ({first['crash']})"
-            entry["variants"][variant] = result.get("info", {})
+    def flops(self, spec: ModelSpec, fp32_path: Path) -> dict[int, int]:
+        """FLOPs per batch, kept in the export's sidecar so that a reused export is not counted again."""
+        sidecar = self.out / f"{spec.name}.fp32.json"
+        info = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+        known = {int(b): v for b, v in info.get("flops", {}).items()}
+        missing = [b for b in self.args.batch_list if b not in known]
+        if missing and spec.module is not None and self.remaining() > 30:
+            import torch
+
+            device = "cuda" if self.args.provider == "cuda" and torch.cuda.is_available() else "cpu"
+            start = time.time()
+            try:
+                known.update(count_flops(spec, missing, device))
+                log(f"{spec.name}: FLOPs counted on {device} in {time.time() - start:.1f}s: "
+                    + ", ".join(f"b{b} {known[b] / 1e9:.1f} GFLOP" for b in missing))
+            except Exception as exc:  # noqa: BLE001 - no roofline is better than no benchmark
+                log(f"{spec.name}: FLOP count failed: {first_line(exc)}")
+            info["flops"] = {str(b): v for b, v in sorted(known.items())}
+            with contextlib.suppress(OSError):
+                sidecar.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        return {b: known[b] for b in self.args.batch_list if b in known}
+
+    def run_job(self, spec: ModelSpec, variant: str, files: dict) -> None:
+        """One model x variant in a worker; its rows, with speed-ups and the roofline."""
+        args = self.args
+        entry = self.results["models"][spec.name]
+        if variant == "ort-transformers" and spec.ort_type is None:
+            entry["variants"][variant] = {"status": "n/a"}
             for batch in args.batch_list:
-                row = dict(result.get("rows", {}).get(str(batch)) or {})
-                status = [s for s in (row.get("status"),) if s and s != "ok"]
-                if result.get("crash") and not row.get("complete"):
-                    status.insert(0, f"crashed ({result['crash']}) {PHASES.get(result.get('phase'), result.get('phase'))}")
-                if result.get("note"):
-                    status.append(result["note"])
-                row["status"] = "; ".join(dict.fromkeys(status)) or "ok"
-                if variant == "fp32" and row.get("median_ms"):
-                    fp32_ms[batch] = row["median_ms"]
-                if row.get("median_ms") and fp32_ms.get(batch):
-                    row["speedup"] = fp32_ms[batch] / row["median_ms"]
-                row.pop("complete", None)
-                self.add_row(spec.name, batch, variant, row)
+                self.add_row(spec.name, batch, variant, {"status": "n/a"})
+            return
+        if self.remaining() <= 5:
+            entry["variants"][variant] = {"status": "skipped: time budget"}
+            for batch in args.batch_list:
+                self.add_row(spec.name, batch, variant, {"status": "skipped: time budget (--deadline-s)"})
+            return
+        job = {"model": spec.name, "variant": variant, "fp32": str(files["fp32"]), "reference": str(files["reference"]),
+               "validation_data": str(files["validation_data"]) if files["validation_data"] else None,
+               "validation": args.onnxmp_validation}
+        result = self.spawn(job)
+        if (variant == "onnxmp" and result.get("crash") and result.get("phase") == "convert"
+                and args.onnxmp_validation != "off" and self.remaining() > 30):
+            # onnxmp's own validation runs onnxruntime on the candidate; build it without gates to
+            # tell a crash of onnxmp from a model that crashes onnxruntime when loaded.
+            log(f"{spec.name}: onnxmp crashed while converting ({result['crash']}); again without validation")
+            first = result
+            result = self.spawn(dict(job, validation="off"))
+            result.setdefault("info", {})["first_attempt"] = {k: first.get(k) for k in ("crash", "phase", "stderr_tail")}
+            result["note"] = f"crashed in onnxmp validation ({first['crash']})"
+        entry["variants"][variant] = result.get("info", {})
+        for batch in args.batch_list:
+            row = dict(result.get("rows", {}).get(str(batch)) or {})
+            status = [s for s in (row.get("status"),) if s and s != "ok"]
+            if result.get("crash") and not row.get("complete"):
+                status.insert(0, f"crashed ({result['crash']}) {PHASES.get(result.get('phase'), result.get('phase'))}")
+            if result.get("note"):
+                status.append(result["note"])
+            row["status"] = "; ".join(dict.fromkeys(status)) or "ok"
+            if variant == "fp32" and row.get("median_ms"):
+                self.fp32_ms[(spec.name, batch)] = row["median_ms"]
+            if row.get("median_ms") and self.fp32_ms.get((spec.name, batch)):
+                row["speedup"] = self.fp32_ms[(spec.name, batch)] / row["median_ms"]
+            row.pop("complete", None)
+            row["variant"] = variant
+            roofline(row, entry.get("flops", {}).get(batch), self.peak)
+            self.add_row(spec.name, batch, variant, row)
 
     def spawn(self, job: dict) -> dict:
         """Run one worker; its result, with 'crash' set when it died or ran out of time."""
@@ -998,18 +1249,33 @@ class Run:
                 "`source /tmp/chunks/install.sh` first (it puts onnxruntime-gpu first on PYTHONPATH)")
             return 2
         specs = model_specs(args.model_list, args)
+        prepared = {}
         for spec in specs:
-            try:
-                self.run_model(spec)
-            except Exception as exc:  # noqa: BLE001 - last line of defence: keep the other models
-                log(f"{spec.name}: unexpected error: {first_line(exc)}")
-                self.results["models"].setdefault(spec.name, {})["error"] = traceback.format_exc()
-                done = {(r["batch"], r["variant"]) for r in self.rows if r["model"] == spec.name}
+            files = self.prepare(spec)
+            if files is None:
+                status = self.results["models"][spec.name].get("status", "skipped: time budget (--deadline-s)")
                 for variant in args.variant_list:
                     for batch in args.batch_list:
-                        if (batch, variant) not in done:
-                            self.add_row(spec.name, batch, variant, {"status": f"benchmark error: {first_line(exc)}"})
-            gc.collect()
+                        self.add_row(spec.name, batch, variant, {"status": status})
+            else:
+                prepared[spec.name] = files
+        for group in PRIORITY:
+            for spec in specs:
+                for variant in (v for v in group if v in args.variant_list):
+                    if spec.name not in prepared:
+                        continue
+                    try:
+                        self.run_job(spec, variant, prepared[spec.name])
+                    except Exception as exc:  # noqa: BLE001 - last line of defence: keep the other rows
+                        log(f"{spec.name}: {variant}: unexpected error: {first_line(exc)}")
+                        self.results["models"][spec.name].setdefault("errors", {})[variant] = traceback.format_exc()
+                        done = {r["batch"] for r in self.rows if r["model"] == spec.name and r["variant"] == variant}
+                        for batch in args.batch_list:
+                            if batch not in done:
+                                self.add_row(spec.name, batch, variant, {"status": f"benchmark error: {first_line(exc)}"})
+                    gc.collect()
+        order = {name: i for i, name in enumerate(args.model_list)}
+        self.rows.sort(key=lambda r: (order.get(r["model"], 99), VARIANTS.index(r["variant"]), r["batch"]))
         self.results["targets"] = check_targets(self.rows, args.batch_list)
         self.save()
         text = self.report()
@@ -1026,7 +1292,9 @@ class Run:
                      f"{self.args.repeats}; {meta['elapsed_s']:.0f}s in all =="]
         lines.append(render_table(self.rows))
         lines.append("vs fp32: FP32 median / variant median (same model, batch, run); rel err = ||c - o||_2 / ||o||_2, "
-                     "max abs: first output vs FP32 on the same inputs; NaN: NaN/Inf in any output; casts: Cast nodes")
+                     "max abs: first output vs FP32 on the same inputs; NaN: NaN/Inf in any output; casts: Cast nodes; "
+                     "graph: the session captured a CUDA graph")
+        lines.append(self.roofline_note())
         casts = cast_lines(self.results)
         if casts:
             lines.append("cast count per model:")
@@ -1042,6 +1310,22 @@ class Run:
         where = [str(self.out / "gpu_fp16.json")] + ([str(self.env_out / "gpu_fp16.json")] if self.env_out else [])
         lines.append("numbers: " + ", ".join(where))
         return "\n".join(lines)
+
+
+    def roofline_note(self) -> str:
+        counted = {name: m.get("flops") for name, m in self.results["models"].items() if m.get("flops")}
+        text = ("TFLOP/s: the model's FLOPs (torch.utils.flop_counter.FlopCounterMode on the device, at each batch: "
+                "matrix products and convolutions) / median time; ")
+        if self.peak is None:
+            text += f"% peak: no peak known for this {'GPU' if self.args.provider == 'cuda' else 'provider'} (--peak-tflops)"
+        else:
+            text += (f"% peak: of {self.peak[0]}'s dense tensor-core peak, FP16 {self.peak[1]:g} TFLOP/s for FP16 rows, "
+                     f"TF32 {self.peak[2]:g} for FP32 rows (onnxruntime's CUDA provider computes float32 MatMul/Conv "
+                     "in TF32: use_tf32=1 is its default; an FP32 row whose session has it off gets no percentage)")
+        if counted:
+            text += "\nFLOPs: " + "; ".join(f"{n} " + ", ".join(f"b{b} {v / 1e9:.3g} G" for b, v in f.items())
+                                           for n, f in counted.items())
+        return text
 
 
 PHASES = {
@@ -1109,14 +1393,24 @@ class Worker:
         fp32_path = Path(self.job["fp32"])
         fp32_summary = graph_summary(fp32_path)
         feeds = {batch: make_feeds(fp32_summary["inputs"], spec, batch, seed=batch) for batch in batches}
-        self.save("convert")
-        path, note = self.convert(fp32_path, info)
-        if path is None:
-            for batch in batches:
-                self.result["rows"][str(batch)] = {"status": note, "complete": True}
-            self.save("done")
-            return 0
+        # A static variant is one model per batch; every other variant is one model for all batches.
+        units = [[batch] for batch in batches] if variant in STATIC_VARIANTS else [batches]
+        for unit in units:
+            self.save("convert")
+            static_batch = unit[0] if variant in STATIC_VARIANTS else None
+            path, note = self.convert(fp32_path, info, static_batch, fp32_summary["inputs"])
+            if path is None:
+                for batch in unit:
+                    self.result["rows"][str(batch)] = {"status": note, "complete": True}
+                self.save()
+                continue
+            self.measure(path, note, unit, {b: feeds[b] for b in unit}, info)
+        self.save("done")
+        return 0
 
+    def measure(self, path: Path, note: str, batches: list[int], feeds: dict[int, dict], info: dict) -> None:
+        """Accuracy against the FP32 reference, then timing, for ``batches`` of one model file."""
+        spec, variant, args = self.spec, self.variant, self.args
         summary = graph_summary(path)
         info.update(casts=summary["casts"], nodes=summary["nodes"], ops=summary["ops"], path=str(path))
         fused = info.get("fused_operators")
@@ -1124,14 +1418,15 @@ class Worker:
             + f" ({summary['nodes']} nodes, {summary['casts']} casts)"
             + (" fused " + ", ".join(f"{k}={v}" for k, v in fused.items()) if fused else "")
             + (f"; {note}" if note else ""))
-        rows = {str(b): {"casts": summary["casts"], "convert_s": info.get("convert_s")} for b in batches}
-        self.result["rows"] = rows
+        rows = self.result["rows"]
+        for b in batches:
+            rows[str(b)] = {"casts": summary["casts"], "convert_s": info.get("convert_s")}
 
         # ---- accuracy: one session for every batch, the same inputs as FP32
         self.save("accuracy")
         outputs, load_error = None, None
         try:
-            outputs = run_outputs(path, args.provider, feeds, self.nhwc)
+            outputs = run_outputs(path, args.provider, feeds, self.nhwc, info)
         except Exception as exc:  # noqa: BLE001
             load_error = exc
             info["accuracy_error"] = traceback.format_exc(limit=4)
@@ -1159,9 +1454,10 @@ class Worker:
         del outputs
         gc.collect()
 
-        # ---- timing
+        # ---- timing; a static variant's session captures a CUDA graph when the model allows it
         dims = bench_dims(summary["inputs"], spec)
         info["bench_dims"] = dims
+        cuda_graph = None if variant in STATIC_VARIANTS and args.provider == "cuda" else False
         for batch in batches:
             row = rows[str(batch)]
             if isinstance(load_error, _LoadError):
@@ -1176,30 +1472,32 @@ class Worker:
                 with realistic_bench_inputs() as patched:
                     row["bench_realistic_ints"] = patched
                     bench = rt.benchmark(str(path), args.provider, batch=batch, warmup=args.warmup,
-                                         repeats=args.repeats, dims=dims or None, nhwc=self.nhwc)
+                                         repeats=args.repeats, dims=dims or None, nhwc=self.nhwc, cuda_graph=cuda_graph)
                 row.update(median_ms=bench.median_ms, p90_ms=bench.p90_ms, min_ms=bench.min_ms,
                            throughput=bench.throughput, session_providers=bench.providers,
-                           provider_options=bench.provider_options, bench_inputs=bench.inputs)
+                           provider_options=bench.provider_options, bench_inputs=bench.inputs,
+                           cuda_graph=bench.cuda_graph, session_notes=bench.notes)
             except Exception as exc:  # noqa: BLE001
                 row["bench_error"] = first_line(exc)
                 if not row.get("status"):
                     row["status"] = f"timing failed: {_strip_prefix(first_line(exc))}"
             if note:
                 row["status"] = "; ".join(filter(None, (row.get("status"), note)))
+            row["tf32"] = info.get("tf32")
             row["complete"] = True
             log(f"{spec.name} b{batch} {variant}: {_ms(row.get('median_ms'))}, rel err {_g(row.get('rel_err'))}, "
-                f"NaN {_yn(row.get('nan'))}" + (f" [{row['status']}]" if row.get("status") else ""))
+                f"NaN {_yn(row.get('nan'))}" + (", CUDA graph" if row.get("cuda_graph") else "")
+                + (f" [{row['status']}]" if row.get("status") else ""))
             self.save()
             gc.collect()
-        self.save("done")
-        return 0
 
-    def convert(self, fp32_path: Path, info: dict) -> tuple[Path | None, str]:
-        """(model path, note); (None, status) when the variant could not be built."""
+    def convert(self, fp32_path: Path, info: dict, batch: int | None, inputs: list) -> tuple[Path | None, str]:
+        """(model path, note); (None, status) when the variant could not be built. ``batch`` is
+        the batch a static variant is specialized to."""
         spec, variant, args = self.spec, self.variant, self.args
         if variant == "fp32":
             return fp32_path, ""
-        path = self.out / f"{spec.name}.{variant}.onnx"
+        path = self.out / f"{spec.name}.{variant}{'' if batch is None else f'.b{batch}'}.onnx"
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # never measure a stale conversion
         start = time.time()
@@ -1207,6 +1505,8 @@ class Worker:
             if variant == "onnxmp":
                 val = Path(self.job["validation_data"]) if self.job.get("validation_data") else None
                 converted, note = convert_onnxmp(fp32_path, path, val, self.job["validation"])
+            elif variant == "onnxmp-static":
+                converted, note = convert_onnxmp_static(fp32_path, path, static_dims(inputs, spec, batch))
             elif variant == "occ":
                 converted, note = convert_occ(fp32_path, path)
             elif variant == "ort-transformers":
@@ -1272,6 +1572,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _float_pair(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers FP16,TF32, got {text!r}") from None
+    if len(values) != 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected two positive numbers FP16,TF32, got {text!r}")
+    return values
+
+
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -1297,7 +1607,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--tiny-source", default="auto", choices=["auto", "fixtures"],
                         help="tiny stand-ins: built with torch/transformers when importable (auto) or the fixtures")
     parser.add_argument("--reexport", action="store_true", help="export the FP32 models again even if present")
-    parser.add_argument("--deadline-s", type=float, default=510.0,
+    parser.add_argument("--peak-tflops", type=_float_pair, default=None, metavar="FP16,TF32",
+                        help="the GPU's dense tensor-core peaks in TFLOP/s (default: from the GPU's name, see PEAK_TFLOPS)")
+    parser.add_argument("--deadline-s", type=float, default=480.0,
                         help="after this many seconds skip remaining work and print the table (0: no limit)")
     args = parser.parse_args(argv)
     models = []

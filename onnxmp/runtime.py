@@ -1,8 +1,10 @@
 """onnxruntime sessions per target (CPU, CUDA, TensorRT) and latency benchmarks.
 
-``make_session`` builds the session a target wants; ``provider_options`` is the pure part of it
-(which providers, in which order, with which options), so it can be tested without a GPU;
-``benchmark`` times a model on random inputs. onnxruntime is imported lazily and the TensorRT
+``build_session`` builds the session a target wants from ``SessionSettings`` and the model
+(``make_session`` returns just the session); ``provider_options`` is the pure part of it (which
+providers, in which order, with which options), so it can be tested without a GPU; whether CUDA
+graph capture is possible is ``onnxmp.placement``'s question; ``benchmark`` times a model on
+random inputs. onnxruntime is imported lazily and the TensorRT
 Python package is never imported: TensorRT is reached only through onnxruntime's provider.
 
 Heuristics (all documented where they live):
@@ -22,7 +24,7 @@ import hashlib
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -201,22 +203,44 @@ def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """How to build a session, for every provider; a field that does not apply is ignored.
+
+    ``cuda_graph``: True requires capture (an error names what prevents it), False never
+    captures, None captures when the model allows it (see ``build_session``).
+    """
+
+    nhwc: bool | None = None  # CUDA prefer_nhwc; None: is_conv_heavy(model)
+    cuda_graph: bool | None = False
+    optimization: str = "all"  # graph optimization level, one of OPTIMIZATION_LEVELS
+    threads: int | None = None  # intra-op threads; None: onnxruntime's default
+    trt_fp16: bool = False
+    trt_int8: bool = False
+    trt_calibration_table: str | os.PathLike | None = None
+    trt_cache_dir: str | os.PathLike | None = None
+    device_id: int = 0
+
+
+def _settings(settings: SessionSettings | None, overrides: dict[str, Any]) -> SessionSettings:
+    try:
+        return replace(settings or SessionSettings(), **overrides)
+    except TypeError as exc:
+        known = ", ".join(f.name for f in fields(SessionSettings))
+        raise TypeError(f"{exc}; session settings are: {known}") from None
+
+
 def provider_options(
     provider: str,
     model: str | os.PathLike | onnx.ModelProto | None = None,
-    nhwc: bool | None = None,
-    cuda_graph: bool = False,
-    *,
-    trt_fp16: bool = False,
-    trt_int8: bool = False,
-    trt_calibration_table: str | os.PathLike | None = None,
-    trt_cache_dir: str | os.PathLike | None = None,
-    device_id: int = 0,
+    settings: SessionSettings | None = None,
+    **overrides: Any,
 ) -> list[tuple[str, dict[str, str]]]:
     """The (provider, options) list onnxruntime gets for ``provider``, highest priority first.
 
     Pure: it checks nothing about the installed onnxruntime, so it can be tested anywhere.
-    Option values are strings, as onnxruntime's provider option parsers expect.
+    ``overrides`` are SessionSettings fields. Option values are strings, as onnxruntime's
+    provider option parsers expect; ``cuda_graph`` must be decided (True or False) by now.
 
     - "cpu": CPU only (``nhwc`` and ``cuda_graph`` do not apply; the CPU provider chooses its
       own blocked layouts at optimization level "all").
@@ -229,31 +253,35 @@ def provider_options(
       ``trt_cuda_graph_enable`` for ``cuda_graph``), then CUDA and CPU as fallbacks for the
       nodes TensorRT does not take.
     """
+    s = _settings(settings, overrides)
     if provider not in PROVIDERS:
         raise OnnxmpError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
     if provider == "cpu":
         return [(PROVIDERS["cpu"], {})]
+    if s.cuda_graph is None:
+        raise ValueError("provider_options needs cuda_graph decided (True or False); build_session decides None")
 
+    nhwc = s.nhwc
     if nhwc is None:
         if model is None:
             raise ValueError("provider_options needs the model to decide nhwc=None for cuda/tensorrt")
         nhwc = is_conv_heavy(model)
-    cuda = {"device_id": str(device_id), "prefer_nhwc": _flag(nhwc)}
+    cuda = {"device_id": str(s.device_id), "prefer_nhwc": _flag(nhwc)}
     if provider == "cuda":
-        cuda["enable_cuda_graph"] = _flag(cuda_graph)
+        cuda["enable_cuda_graph"] = _flag(s.cuda_graph)
         return [(PROVIDERS["cuda"], cuda), (PROVIDERS["cpu"], {})]
 
     # tensorrt
-    if trt_calibration_table is not None and not trt_int8:
+    if s.trt_calibration_table is not None and not s.trt_int8:
         raise OnnxmpError("a TensorRT calibration table is only used with trt_int8; add --trt-int8 or drop the table")
     trt = {
-        "device_id": str(device_id),
-        "trt_fp16_enable": _flag(trt_fp16),
-        "trt_int8_enable": _flag(trt_int8),
+        "device_id": str(s.device_id),
+        "trt_fp16_enable": _flag(s.trt_fp16),
+        "trt_int8_enable": _flag(s.trt_int8),
     }
-    if trt_int8:
-        if trt_calibration_table is not None:
-            table = Path(trt_calibration_table).expanduser().resolve()
+    if s.trt_int8:
+        if s.trt_calibration_table is not None:
+            table = Path(s.trt_calibration_table).expanduser().resolve()
             if not table.is_file():
                 raise OnnxmpError(
                     f"TensorRT calibration table '{table}' does not exist; give the path of the table "
@@ -268,11 +296,11 @@ def provider_options(
             )
     if model is None:
         raise ValueError("provider_options needs the model to name the TensorRT engine cache")
-    precisions = "-".join(p for p, on in (("fp16", trt_fp16), ("int8", trt_int8)) if on) or "fp32"
-    root = Path(trt_cache_dir).expanduser() if trt_cache_dir is not None else default_trt_cache_root()
+    precisions = "-".join(p for p, on in (("fp16", s.trt_fp16), ("int8", s.trt_int8)) if on) or "fp32"
+    root = Path(s.trt_cache_dir).expanduser() if s.trt_cache_dir is not None else default_trt_cache_root()
     trt["trt_engine_cache_enable"] = "1"
     trt["trt_engine_cache_path"] = str(root.resolve() / f"{_model_digest(model)}-{precisions}")
-    if cuda_graph:
+    if s.cuda_graph:
         # CUDA's own graph capture needs every node on CUDA, which a TensorRT session never has.
         trt["trt_cuda_graph_enable"] = "1"
     return [(PROVIDERS["tensorrt"], trt), (PROVIDERS["cuda"], cuda), (PROVIDERS["cpu"], {})]
@@ -349,102 +377,128 @@ def _session_options(ort, optimization: str, threads: int | None):
     return options
 
 
-def _build_session(
+@dataclass
+class BuiltSession:
+    """A session and the choices made for it: the provider chain asked for, whether CUDA graph
+    capture is on, and notes on why a choice went the way it did (for reports)."""
+
+    session: "onnxruntime.InferenceSession"
+    provider: str
+    providers: list[tuple[str, dict[str, str]]]
+    cuda_graph: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def build_session(
     model: str | os.PathLike | onnx.ModelProto,
     provider: str = "cpu",
-    *,
-    nhwc: bool | None = None,
-    cuda_graph: bool = False,
-    optimization: str = "all",
-    threads: int | None = None,
-    trt_fp16: bool = False,
-    trt_int8: bool = False,
-    trt_calibration_table: str | os.PathLike | None = None,
-    trt_cache_dir: str | os.PathLike | None = None,
-    device_id: int = 0,
-) -> tuple["onnxruntime.InferenceSession", list[tuple[str, dict[str, str]]]]:
+    settings: SessionSettings | None = None,
+    **overrides: Any,
+) -> BuiltSession:
+    """The onnxruntime session ``provider`` ("cpu", "cuda" or "tensorrt") wants for ``model``.
+
+    ``overrides`` are SessionSettings fields; see provider_options for the provider chain.
+    CUDA graph capture (cuda only; tensorrt passes it to TensorRT): with ``cuda_graph=None``
+    it is on when ``onnxmp.placement.cuda_graph_blockers`` finds nothing in the way (static
+    input shapes, no control flow, a CUDA kernel for every node) and, should onnxruntime still
+    refuse it, the session is built again without it; the notes say why it is off. With
+    ``cuda_graph=True`` a blocker is an error that lists them. For cuda and tensorrt,
+    ``onnxruntime.preload_dlls()`` runs first where it exists. Raises OnnxmpError when the
+    provider is not installed (with what to install), when onnxruntime cannot create the
+    session, or when it silently fell back to another provider.
+    """
     import onnxruntime as ort
 
+    s = _settings(settings, overrides)
     if provider not in PROVIDERS:
         raise OnnxmpError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
-    if cuda_graph and provider == "cpu":
+    if s.cuda_graph and provider == "cpu":
         raise OnnxmpError("CUDA graphs need the cuda or tensorrt provider; drop cuda_graph for cpu")
     _check_available(ort, provider)
     source = _session_source(model)
-    options = _session_options(ort, optimization, threads)
-    providers = provider_options(
-        provider,
-        model,
-        nhwc,
-        cuda_graph,
-        trt_fp16=trt_fp16,
-        trt_int8=trt_int8,
-        trt_calibration_table=trt_calibration_table,
-        trt_cache_dir=trt_cache_dir,
-        device_id=device_id,
-    )
+    options = _session_options(ort, s.optimization, s.threads)
+    notes: list[str] = []
+    auto_graph = s.cuda_graph is None
+    s = replace(s, cuda_graph=_decide_cuda_graph(model, provider, s.cuda_graph, notes))
     if provider != "cpu":
         _preload_cuda_libraries(ort)
+    providers = provider_options(provider, model, s)
     if provider == "tensorrt":
         Path(providers[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     try:
-        session = ort.InferenceSession(
-            source,
-            sess_options=options,
-            providers=[name for name, _ in providers],
-            provider_options=[opts for _, opts in providers],
-        )
+        session = _create(ort, source, options, providers)
     except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidGraph, ...)
-        hint = ""
-        if cuda_graph:
-            hint = (
-                "; CUDA graphs need every compute node on the GPU provider and fixed shapes: "
-                "retry without cuda_graph"
-            )
-        raise OnnxmpError(
-            f"onnxruntime could not create a {provider} session for '{_model_label(model)}': "
-            f"{_first_line(exc)}{hint}"
-        ) from exc
+        if s.cuda_graph and auto_graph:
+            notes.append(f"CUDA graph off: onnxruntime refused capture ({_first_line(exc)})")
+            s = replace(s, cuda_graph=False)
+            providers = provider_options(provider, model, s)
+            session = _create_or_raise(ort, source, options, providers, provider, model, False)
+        else:
+            raise _session_error(exc, provider, model, bool(s.cuda_graph)) from exc
     _check_active(session, provider)
-    return session, providers
+    return BuiltSession(session, provider, providers, bool(s.cuda_graph), notes)
+
+
+def _decide_cuda_graph(model, provider: str, wanted: bool | None, notes: list[str]) -> bool:
+    """True/False as asked, checked against the model's blockers for cuda; None: the model decides."""
+    from onnxmp.placement import cuda_graph_blockers
+
+    if provider == "cpu" or wanted is False:
+        return False
+    if provider == "tensorrt":
+        if wanted is None:
+            notes.append("CUDA graph off: not decided automatically for TensorRT; ask for it with cuda_graph=True")
+        return bool(wanted)
+    blockers = cuda_graph_blockers(_graph_proto(model))
+    if not blockers:
+        return True
+    shown = "; ".join(blockers[:3]) + (f"; and {len(blockers) - 3} more" if len(blockers) > 3 else "")
+    if wanted:
+        raise OnnxmpError(
+            f"CUDA graph capture is not possible for '{_model_label(model)}': {shown}. Fix the input shapes "
+            "(onnxmp optimize --fix-dim NAME=VALUE runs specialize-shapes) or drop cuda_graph"
+        )
+    notes.append(f"CUDA graph off: {shown}")
+    return False
+
+
+def _create(ort, source, options, providers):
+    return ort.InferenceSession(
+        source,
+        sess_options=options,
+        providers=[name for name, _ in providers],
+        provider_options=[opts for _, opts in providers],
+    )
+
+
+def _create_or_raise(ort, source, options, providers, provider: str, model, cuda_graph: bool):
+    try:
+        return _create(ort, source, options, providers)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise _session_error(exc, provider, model, cuda_graph) from exc
+
+
+def _session_error(exc: BaseException, provider: str, model, cuda_graph: bool) -> OnnxmpError:
+    hint = ""
+    if cuda_graph:
+        hint = (
+            "; CUDA graphs need every compute node on the GPU provider and fixed shapes: "
+            "retry without cuda_graph"
+        )
+    return OnnxmpError(
+        f"onnxruntime could not create a {provider} session for '{_model_label(model)}': "
+        f"{_first_line(exc)}{hint}"
+    )
 
 
 def make_session(
     model: str | os.PathLike | onnx.ModelProto,
     provider: str = "cpu",
-    *,
-    nhwc: bool | None = None,
-    cuda_graph: bool = False,
-    optimization: str = "all",
-    threads: int | None = None,
-    trt_fp16: bool = False,
-    trt_int8: bool = False,
-    trt_calibration_table: str | os.PathLike | None = None,
-    trt_cache_dir: str | os.PathLike | None = None,
-    device_id: int = 0,
+    settings: SessionSettings | None = None,
+    **overrides: Any,
 ) -> "onnxruntime.InferenceSession":
-    """An onnxruntime session for ``provider`` ("cpu", "cuda" or "tensorrt"); see provider_options.
-
-    ``optimization`` is the graph optimization level ("disable", "basic", "extended", "all");
-    ``threads`` sets intra-op threads (default: onnxruntime's, one per physical core). For cuda
-    and tensorrt, ``onnxruntime.preload_dlls()`` runs first where it exists. Raises OnnxmpError
-    when the provider is not installed (with what to install), when onnxruntime cannot create
-    the session, or when it silently fell back to another provider.
-    """
-    session, _ = _build_session(
-        model,
-        provider,
-        nhwc=nhwc,
-        cuda_graph=cuda_graph,
-        optimization=optimization,
-        threads=threads,
-        trt_fp16=trt_fp16,
-        trt_int8=trt_int8,
-        trt_calibration_table=trt_calibration_table,
-        trt_cache_dir=trt_cache_dir,
-        device_id=device_id,
-    )
-    return session
+    """build_session's session alone."""
+    return build_session(model, provider, settings, **overrides).session
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -586,6 +640,7 @@ class BenchResult:
     warmup: int
     repeats: int
     io_binding: bool
+    cuda_graph: bool
     median_ms: float
     p90_ms: float
     mean_ms: float
@@ -593,6 +648,7 @@ class BenchResult:
     max_ms: float
     throughput: float  # items per second: batch / median seconds
     times_ms: list[float] = field(default_factory=list, repr=False)
+    notes: list[str] = field(default_factory=list)  # why a session choice went the way it did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -607,15 +663,17 @@ def benchmark(
     io_binding: bool | None = None,
     seed: int = 0,
     dims: dict[str, int] | None = None,
-    **session_options: Any,
+    settings: SessionSettings | None = None,
+    **overrides: Any,
 ) -> BenchResult:
     """Time ``model`` on ``provider`` with random inputs (see make_inputs for shapes and values).
 
-    ``session_options`` go to make_session (nhwc, cuda_graph, optimization, threads, trt_*).
-    With ``io_binding`` (default: on for cuda and tensorrt, off for cpu) the inputs are copied to
-    the device once, one untimed run lets onnxruntime allocate the outputs on the device, and
-    those same output buffers are bound for every later run (fixed addresses, as CUDA graphs
-    need); each timed run is ``run_with_iobinding`` plus ``synchronize_outputs``, so it measures
+    The session comes from build_session(model, provider, settings, **overrides) (nhwc,
+    cuda_graph, optimization, threads, trt_*; cuda_graph=None captures when the model allows).
+    With ``io_binding`` (default: on for cuda and tensorrt, off for cpu; CUDA graphs need it)
+    the inputs are copied to the device once and the outputs are bound to device buffers that
+    stay the same for every run (fixed addresses, as CUDA graphs need): allocated up front when
+    the output shapes are static, else by onnxruntime in one untimed run; each timed run is ``run_with_iobinding`` plus ``synchronize_outputs``, so it measures
     the finished GPU work and no host copies. Without it each run is ``session.run`` with host
     inputs and outputs, copies included. ``warmup`` untimed runs come first, then ``repeats``
     runs timed one by one with time.perf_counter.
@@ -631,9 +689,12 @@ def benchmark(
         raise OnnxmpError(f"warmup cannot be negative, got {warmup}")
     if io_binding is None:
         io_binding = provider != "cpu"
-    session, providers = _build_session(model, provider, **session_options)
+    built = build_session(model, provider, settings, **overrides)
+    session = built.session
+    if built.cuda_graph and not io_binding:
+        raise OnnxmpError("CUDA graphs replay on fixed device buffers, so they need I/O binding; drop io_binding=False")
     inputs, effective_batch = _random_inputs(session, batch, dims, seed)
-    device_id = int(session_options.get("device_id", 0))
+    device_id = _settings(settings, overrides).device_id
     device = "cpu" if provider == "cpu" else "cuda"
     label = _model_label(model)
 
@@ -652,7 +713,7 @@ def benchmark(
     except OnnxmpError:
         raise
     except Exception as exc:  # onnxruntime's run-time errors
-        hint = "; retry without cuda_graph" if session_options.get("cuda_graph") else ""
+        hint = "; retry without cuda_graph" if built.cuda_graph else ""
         raise OnnxmpError(f"onnxruntime failed to run '{label}' on {provider}: {_first_line(exc)}{hint}") from exc
 
     median = statistics.median(times)
@@ -660,13 +721,14 @@ def benchmark(
         model=label,
         provider=provider,
         providers=list(session.get_providers()),
-        provider_options={name: dict(opts) for name, opts in providers},
+        provider_options={name: dict(opts) for name, opts in built.providers},
         onnxruntime=ort.__version__,
         batch=effective_batch,
         inputs={i.name: {"dtype": _dtype_label(i.type), "shape": i.shape} for i in inputs},
         warmup=warmup,
         repeats=repeats,
         io_binding=io_binding,
+        cuda_graph=built.cuda_graph,
         median_ms=median,
         p90_ms=float(np.percentile(times, 90)),
         mean_ms=statistics.fmean(times),
@@ -674,6 +736,7 @@ def benchmark(
         max_ms=max(times),
         throughput=effective_batch / (median / 1000.0) if median > 0 else float("inf"),
         times_ms=times,
+        notes=built.notes,
     )
 
 
@@ -691,12 +754,15 @@ def _bound_runner(ort, session, inputs: list[_Input], device: str, device_id: in
     for item, value in zip(inputs, values):
         binding.bind_ortvalue_input(item.name, value)
     binding.synchronize_inputs()
-    names = [o.name for o in session.get_outputs()]
-    for name in names:
-        binding.bind_output(name, device, device_id)
-    session.run_with_iobinding(binding)  # onnxruntime allocates the outputs on the device
-    outputs = binding.get_outputs()
-    binding.clear_binding_outputs()
+    specs = session.get_outputs()
+    names = [o.name for o in specs]
+    outputs = _allocate_outputs(ort, specs, device, device_id)
+    if outputs is None:
+        for name in names:
+            binding.bind_output(name, device, device_id)
+        session.run_with_iobinding(binding)  # onnxruntime allocates the outputs on the device
+        outputs = binding.get_outputs()
+        binding.clear_binding_outputs()
     for name, value in zip(names, outputs):
         binding.bind_ortvalue_output(name, value)
 
@@ -706,6 +772,14 @@ def _bound_runner(ort, session, inputs: list[_Input], device: str, device_id: in
 
     run.keep_alive = (values, outputs)  # type: ignore[attr-defined]
     return run
+
+
+def _allocate_outputs(ort, specs, device: str, device_id: int) -> list | None:
+    """Device buffers for outputs whose shapes and numpy types are all known, else None."""
+    dtypes = {**_FLOAT_TYPES, **_INT_TYPES, "tensor(bool)": np.bool_}
+    if not all(o.type in dtypes and o.shape is not None and all(isinstance(d, int) and d >= 0 for d in o.shape) for o in specs):
+        return None
+    return [ort.OrtValue.ortvalue_from_shape_and_type(list(o.shape), dtypes[o.type], device, device_id) for o in specs]
 
 
 def _dtype_label(ort_type: str) -> str:

@@ -14,4 +14,5 @@ from onnxmp.passes import (  # noqa: F401
     precision,
     qdq_insertion,
     scale_folding,
+    specialize_shapes,
 )

@@ -19,10 +19,14 @@ from onnx import TensorProto, helper
 from onnxmp import runtime
 from onnxmp.cli import main
 from onnxmp.errors import ModelLoadError, OnnxmpError
+from onnxmp.api import optimize_model
+from onnxmp.placement import cuda_graph_blockers
 from onnxmp.runtime import (
     PROVIDERS,
     BenchResult,
+    SessionSettings,
     benchmark,
+    build_session,
     conv_counts,
     is_conv_heavy,
     make_inputs,
@@ -256,16 +260,55 @@ def fake_gpu(monkeypatch):
     return calls
 
 
+def _static_cnn() -> onnx.ModelProto:
+    return optimize_model(CNN, passes="specialize-shapes{dims=[N=2]}").model.to_proto()
+
+
 def test_cuda_session_wiring(fake_gpu):
-    make_session(CNN, "cuda", cuda_graph=True)
+    static = _static_cnn()
+    built = build_session(static, "cuda", cuda_graph=True)
     (made,) = _FakeSession.created
     assert fake_gpu == ["preload"]
-    assert made["source"] == str(CNN)
+    assert made["source"] == static.SerializeToString()
     assert made["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert made["provider_options"][0] == {"device_id": "0", "prefer_nhwc": "1", "enable_cuda_graph": "1"}
+    assert built.cuda_graph and built.notes == []
     make_session(TRANSFORMER, "cuda")
     assert fake_gpu == ["preload"]  # once per process
     assert _FakeSession.created[1]["provider_options"][0]["prefer_nhwc"] == "0"
+
+
+def test_cuda_graph_required_but_blocked(fake_gpu):
+    with pytest.raises(OnnxmpError) as info:
+        make_session(CNN, "cuda", cuda_graph=True)
+    assert "input 'x' has shape [N,3,32,32], not static" in str(info.value)
+    assert "--fix-dim" in str(info.value) and not _FakeSession.created
+
+
+def test_cuda_graph_auto_follows_the_model(fake_gpu):
+    dynamic = build_session(TRANSFORMER, "cuda", cuda_graph=None)
+    assert not dynamic.cuda_graph
+    assert dynamic.notes[0].startswith("CUDA graph off: input 'x' has shape [N,16,64], not static")
+    assert "computes a shape on the CPU" in dynamic.notes[0]
+    assert _FakeSession.created[0]["provider_options"][0]["enable_cuda_graph"] == "0"
+    static = build_session(_static_cnn(), "cuda", SessionSettings(cuda_graph=None))
+    assert static.cuda_graph and _FakeSession.created[1]["provider_options"][0]["enable_cuda_graph"] == "1"
+    assert not build_session(_static_cnn(), "cuda").cuda_graph  # the default stays off
+
+
+def test_cuda_graph_auto_falls_back_when_onnxruntime_refuses(fake_gpu, monkeypatch):
+    class Refusing(_FakeSession):
+        def __init__(self, source, sess_options=None, providers=None, provider_options=None):
+            if provider_options[0].get("enable_cuda_graph") == "1":
+                raise RuntimeError("This session cannot use the graph capture feature as requested by the user")
+            super().__init__(source, sess_options, providers, provider_options)
+
+    monkeypatch.setattr(ort, "InferenceSession", Refusing)
+    built = build_session(_static_cnn(), "cuda", cuda_graph=None)
+    assert not built.cuda_graph and "onnxruntime refused capture (This session cannot use" in built.notes[0]
+    assert built.providers[0][1]["enable_cuda_graph"] == "0"
+    with pytest.raises(OnnxmpError, match="retry without cuda_graph"):
+        build_session(_static_cnn(), "cuda", cuda_graph=True)  # asked for: no silent fallback
 
 
 def test_tensorrt_session_wiring(fake_gpu, tmp_path):
@@ -291,7 +334,7 @@ def test_session_creation_failure_with_cuda_graph_hints(fake_gpu, monkeypatch):
 
     monkeypatch.setattr(ort, "InferenceSession", fail)
     with pytest.raises(OnnxmpError) as info:
-        make_session(CNN, "cuda", cuda_graph=True)
+        make_session(_static_cnn(), "cuda", cuda_graph=True)
     assert "graph capture failed" in str(info.value) and "retry without cuda_graph" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -424,3 +467,47 @@ def test_cli_bench_cuda_unavailable(cli):
 def test_cli_bench_missing_model(cli):
     result = cli.invoke(main, ["bench", "no-such-model.onnx"])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+# ------------------------------------------------------------ CUDA graph placement
+def test_cuda_graph_blockers():
+    assert cuda_graph_blockers(_static_cnn()) == []
+    dynamic = cuda_graph_blockers(onnx.load(str(TRANSFORMER)))
+    assert dynamic[0] == "input 'x' has shape [N,16,64], not static"
+    assert any(b.endswith("(Shape) computes a shape on the CPU") for b in dynamic)
+    assert any("(If) is control flow" in b for b in cuda_graph_blockers(onnx.load(str(MODELS / "if_model.onnx"))))
+    det = _model(
+        [helper.make_node("Det", ["x"], ["y"], name="det")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    assert cuda_graph_blockers(det) == [
+        "node 'det' (Det) has no CUDA kernel in onnxruntime's table (domain 'ai.onnx', opset 17)"
+    ]
+    int8_add = _model(  # CUDA's Add lists int8 from opset 14 only
+        [helper.make_node("Add", ["a", "a"], ["b"], name="add")],
+        [helper.make_tensor_value_info("a", TensorProto.INT8, [4])],
+        [helper.make_tensor_value_info("b", TensorProto.INT8, [4])],
+    )
+    int8_add.opset_import[0].version = 13
+    assert cuda_graph_blockers(int8_add) == ["node 'add' (Add) has no CUDA kernel for int8 ('a')"]
+
+
+def test_session_settings():
+    settings = SessionSettings(nhwc=False, cuda_graph=True)
+    assert dict(provider_options("cuda", None, settings))["CUDAExecutionProvider"]["enable_cuda_graph"] == "1"
+    assert dict(provider_options("cuda", None, settings, cuda_graph=False))["CUDAExecutionProvider"]["enable_cuda_graph"] == "0"
+    with pytest.raises(TypeError, match="session settings are: nhwc, cuda_graph"):
+        make_session(CNN, nhwcc=True)
+    with pytest.raises(ValueError, match="cuda_graph decided"):
+        provider_options("cuda", CNN, cuda_graph=None)
+
+
+def test_benchmark_binds_preallocated_outputs_of_a_static_model():
+    result = benchmark(_static_cnn(), warmup=1, repeats=2, io_binding=True)
+    assert result.batch == 2 and result.io_binding and not result.cuda_graph and result.notes == []
+
+
+def test_benchmark_cuda_graph_needs_io_binding(fake_gpu):
+    with pytest.raises(OnnxmpError, match="need I/O binding"):
+        benchmark(_static_cnn(), "cuda", io_binding=False, cuda_graph=True)
