@@ -414,8 +414,11 @@ class _Emitter:
         return make_constant(self.ctx.fresh_name(f"{self.base}/{hint}"), values)
 
 
-def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext) -> None:
-    """Replace the matched nodes by one Attention node (plus mask and output layout ops)."""
+def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext, biases: dict | None = None) -> None:
+    """Replace the matched nodes by one Attention node (plus mask and output layout ops).
+
+    ``biases`` maps (mask, sequence length) to its expanded attention bias, so that the layers of
+    one model that read the same mask share one Expand instead of making one each."""
     emit = _Emitter(ctx, match.softmax.name or "attention")
     query = match.branches["query"]
     num_heads, head_size = query.num_heads, query.head_size
@@ -425,7 +428,11 @@ def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext) 
         attrs["scale"] = float(match.scale)
     inputs = [match.x, emit.const(weight, "qkv_weight"), emit.const(bias, "qkv_bias")]
     if match.mask is not None:
-        inputs += [gs.Variable.empty(), gs.Variable.empty(), _attention_bias(match, emit)]
+        key = (id(match.mask), str(match.seq.size))
+        cache = biases if biases is not None else {}
+        if key not in cache:
+            cache[key] = _attention_bias(match, emit)
+        inputs += [gs.Variable.empty(), gs.Variable.empty(), cache[key]]
     for shape_node, transpose in match.shape_rewires:
         _rewire_shape(shape_node, transpose, emit)
     output = match.output
@@ -565,6 +572,7 @@ class FuseAttention(Pass):
         infer_shapes(model)
         changed = False
         for graph in list(iter_graphs(model.graph)):
+            biases: dict = {}
             for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
                 if not softmax.outputs:  # removed by an earlier rewrite
                     continue
@@ -572,7 +580,7 @@ class FuseAttention(Pass):
                     found = match_attention(softmax, graph, model.opset())
                 except Rejected:
                     continue
-                rewrite_attention(found, graph, ctx)
+                rewrite_attention(found, graph, ctx, biases)
                 changed = True
             if changed:
                 toposort(graph)

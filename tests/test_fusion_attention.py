@@ -14,7 +14,7 @@ from conftest import MODELS
 from helpers import max_relative_error, session
 from onnxmp.api import op_histogram, optimize_model
 from onnxmp.dump import dump_model
-from onnxmp.ir import Model
+from onnxmp.ir import Model, provenance
 from onnxmp.passes.fusion_attention import explain_attention
 from onnxmp.shapes import infer_shapes
 
@@ -187,3 +187,11 @@ def test_partial_matches_leave_the_graph_untouched(variant, reason):
 def test_tensorrt_target_keeps_standard_ops():
     fused = fuse(MODELS / "tiny_bert.onnx", target="tensorrt")
     assert dump_model(fused) == dump_model(Model.load(MODELS / "tiny_bert.onnx"))
+
+
+def test_layers_reading_one_mask_share_one_expanded_bias():
+    fused = fuse(MODELS / "tiny_bert.onnx")
+    attentions = [n for n in fused.graph.nodes if n.op == "Attention"]
+    assert len(attentions) == 2 and attentions[0].inputs[5] is attentions[1].inputs[5]
+    made_expands = [n for n in fused.graph.nodes if n.op == "Expand" and provenance(n) == "fuse-attention"]
+    assert len(made_expands) == 1
