@@ -24,7 +24,13 @@ and reused while the file is there; random weights, seeded):
 
 Variants, each converted anew on every run from the same FP32 export:
 
-- ``fp32``              the export as is;
+- ``fp32``              the export as is, in a session with onnxruntime's default CUDA options (no
+                        NHWC, no fused conv bias, no CUDA graph): what a user gets without onnxmp,
+                        and the baseline of every ratio, as the issues measured their peers;
+- ``fp32-static``       the fp32 preset with ``specialize-shapes`` (batch and sequence fixed), timed
+                        with the same session hand-off as ``onnxmp-static`` (NHWC and fused conv
+                        bias for convolution-heavy models, CUDA graph): shows how much of
+                        ``onnxmp-static``'s ratio is FP16 and how much is the hand-off;
 - ``onnxmp``            ``onnxmp.api.optimize(src, dst, "fp16")`` (target cuda, keep_io_types; the
                         preset holds the fusion passes, so this is "onnxmp FP16 fused"),
                         its validation gates fed with the benchmark's own realistic inputs
@@ -109,13 +115,13 @@ from onnxmp import runtime as rt  # noqa: E402
 
 FULL_MODELS = ("resnet50", "bert", "vit")
 TINY_MODELS = ("tiny-cnn", "tiny-bert", "tiny-vit")
-VARIANTS = ("fp32", "onnxmp", "onnxmp-static", "occ", "ort-transformers")
-STATIC_VARIANTS = ("onnxmp-static",)  # one model per batch, its shapes fixed
+VARIANTS = ("fp32", "fp32-static", "onnxmp", "onnxmp-static", "occ", "ort-transformers")
+STATIC_VARIANTS = ("fp32-static", "onnxmp-static")  # one model per batch, its shapes fixed
 ONNXMP_VARIANTS = ("onnxmp", "onnxmp-static")
 PEERS = ("occ", "ort-transformers")
 # Work order: what the targets need first (every model's FP32 and onnxmp rows), peers after, so
 # that a run cut short by --deadline-s loses the least important rows.
-PRIORITY = (("fp32", "onnxmp", "onnxmp-static"), ("ort-transformers", "occ"))
+PRIORITY = (("fp32", "onnxmp", "onnxmp-static"), ("ort-transformers", "occ", "fp32-static"))
 BERT_SEQUENCE = 128
 BUILDER_VERSION = 1  # bump when an export changes: files exported by another version are redone
 
@@ -701,20 +707,21 @@ def static_dims(inputs: list, spec: ModelSpec, batch: int) -> dict[str, int]:
     return dims
 
 
-def convert_onnxmp_static(src: Path, dst: Path, dims: dict[str, int]) -> tuple[dict, str]:
-    """The fp16 preset with specialize-shapes fixing ``dims`` (what ``onnxmp optimize --policy fp16
-    --fix-dim NAME=VALUE ...`` runs), no validation gates: the benchmark measures accuracy itself."""
+def convert_onnxmp_static(src: Path, dst: Path, dims: dict[str, int], preset: str = "fp16") -> tuple[dict, str]:
+    """``preset`` (fp16, or fp32 for the fp32-static variant) with specialize-shapes fixing ``dims``
+    (what ``onnxmp optimize --policy PRESET --fix-dim NAME=VALUE ...`` runs), no validation gates:
+    the benchmark measures accuracy itself."""
     from onnxmp import api
     from onnxmp.passes.specialize_shapes import specialized_passes
     from onnxmp.policy import preset_text
 
-    policy = json.loads(preset_text("fp16"))
+    policy = json.loads(preset_text(preset))
     policy.pop("validation", None)
     policy["passes"] = specialized_passes(policy["passes"], dims, {})
     result = api.optimize(src, dst, policy, report_path=dst.with_name(dst.stem + ".report.json"))
     rep = result.report
     fixed = " ".join(f"--fix-dim {k}={v}" for k, v in dims.items())
-    return {"call": f"onnxmp optimize --policy fp16 {fixed} (no validation gates)", "pipeline": rep.get("pipeline"),
+    return {"call": f"onnxmp optimize --policy {preset} {fixed} (no validation gates)", "pipeline": rep.get("pipeline"),
             "casts": rep.get("casts"), "nodes": rep.get("nodes"), "dims": dims}, ""
 
 
@@ -978,6 +985,20 @@ def _x(value):
 
 def _ms(value):
     return "-" if _number(value) is None else f"{value:.3f} ms"
+
+
+def same_handoff_lines(rows: list[dict]) -> list[str]:
+    """onnxmp-static's speed over fp32-static's per model and batch: the part of the ratio that
+    FP16 and the fusions give, with static shapes, NHWC, fused conv bias and CUDA graphs on both."""
+    by = {(r["model"], r["batch"], r["variant"]): r for r in rows}
+    lines = []
+    for (model, batch, variant), row in by.items():
+        base = by.get((model, batch, "fp32-static"))
+        if variant != "onnxmp-static" or not _fine(row) or not _fine(base):
+            continue
+        lines.append(f"  {model} b{batch}: {base['median_ms'] / row['median_ms']:.2f}x "
+                     f"({_ms(base['median_ms'])} -> {_ms(row['median_ms'])})")
+    return lines
 
 
 def cast_lines(results: dict) -> list[str]:
@@ -1303,6 +1324,10 @@ class Run:
             fused = model.get("variants", {}).get("ort-transformers", {}).get("fused_operators")
             if fused:
                 lines.append(f"ort-transformers fusions, {name}: " + ", ".join(f"{k}={v}" for k, v in fused.items()))
+        same = same_handoff_lines(self.rows)
+        if same:
+            lines.append("FP16 alone (onnxmp-static vs fp32-static: same shapes, same session hand-off):")
+            lines.extend(same)
         if self.results["targets"]:
             lines.append("targets:")
             for check in self.results["targets"]:
@@ -1458,6 +1483,9 @@ class Worker:
         dims = bench_dims(summary["inputs"], spec)
         info["bench_dims"] = dims
         cuda_graph = None if variant in STATIC_VARIANTS and args.provider == "cuda" else False
+        # The baseline runs as onnxruntime runs a model by default; every other variant gets the
+        # hand-off of onnxmp.runtime (--nhwc; fused conv bias follows it).
+        layout = {"nhwc": False, "fuse_conv_bias": False} if variant == "fp32" else {"nhwc": self.nhwc}
         for batch in batches:
             row = rows[str(batch)]
             if isinstance(load_error, _LoadError):
@@ -1472,7 +1500,7 @@ class Worker:
                 with realistic_bench_inputs() as patched:
                     row["bench_realistic_ints"] = patched
                     bench = rt.benchmark(str(path), args.provider, batch=batch, warmup=args.warmup,
-                                         repeats=args.repeats, dims=dims or None, nhwc=self.nhwc, cuda_graph=cuda_graph)
+                                         repeats=args.repeats, dims=dims or None, cuda_graph=cuda_graph, **layout)
                 row.update(median_ms=bench.median_ms, p90_ms=bench.p90_ms, min_ms=bench.min_ms,
                            throughput=bench.throughput, session_providers=bench.providers,
                            provider_options=bench.provider_options, bench_inputs=bench.inputs,
@@ -1507,6 +1535,8 @@ class Worker:
                 converted, note = convert_onnxmp(fp32_path, path, val, self.job["validation"])
             elif variant == "onnxmp-static":
                 converted, note = convert_onnxmp_static(fp32_path, path, static_dims(inputs, spec, batch))
+            elif variant == "fp32-static":
+                converted, note = convert_onnxmp_static(fp32_path, path, static_dims(inputs, spec, batch), "fp32")
             elif variant == "occ":
                 converted, note = convert_occ(fp32_path, path)
             elif variant == "ort-transformers":
@@ -1598,7 +1628,8 @@ def parse_args(argv: list[str] | None = None):
                         help="transformers attention implementation for the BERT export (default eager: the form "
                              "onnxruntime's transformer optimizer fuses)")
     parser.add_argument("--nhwc", default="auto", choices=["auto", "on", "off"],
-                        help="CUDA prefer_nhwc for every variant (auto: onnxmp.runtime's conv-heavy heuristic)")
+                        help="CUDA prefer_nhwc for every variant but the fp32 baseline, which runs with onnxruntime's "
+                             "defaults (auto: onnxmp.runtime's conv-heavy heuristic; fused conv bias follows it)")
     parser.add_argument("--ort-opt-level", type=int, default=None, choices=[0, 1, 2, 99],
                         help="opt_level for onnxruntime's transformer optimizer (default: its model-type default, 1)")
     parser.add_argument("--onnxmp-validation", default="data", choices=["data", "random", "off"],

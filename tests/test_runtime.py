@@ -123,13 +123,16 @@ def test_cuda_options_follow_the_heuristic_unless_told():
     conv = dict(provider_options("cuda", CNN))
     assert list(dict(provider_options("cuda", CNN))) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert conv["CUDAExecutionProvider"]["prefer_nhwc"] == "1"
+    assert conv["CUDAExecutionProvider"]["fuse_conv_bias"] == "1"
     assert conv["CUDAExecutionProvider"]["enable_cuda_graph"] == "0"
+    assert dict(provider_options("cuda", TRANSFORMER))["CUDAExecutionProvider"]["fuse_conv_bias"] == "0"
+    assert dict(provider_options("cuda", CNN, fuse_conv_bias=False))["CUDAExecutionProvider"]["fuse_conv_bias"] == "0"
     assert dict(provider_options("cuda", TRANSFORMER))["CUDAExecutionProvider"]["prefer_nhwc"] == "0"
     assert dict(provider_options("cuda", TRANSFORMER, nhwc=True))["CUDAExecutionProvider"]["prefer_nhwc"] == "1"
     assert dict(provider_options("cuda", CNN, nhwc=False))["CUDAExecutionProvider"]["prefer_nhwc"] == "0"
     # an explicit choice needs no model
     graph = dict(provider_options("cuda", None, nhwc=False, cuda_graph=True))["CUDAExecutionProvider"]
-    assert graph == {"device_id": "0", "prefer_nhwc": "0", "enable_cuda_graph": "1"}
+    assert graph == {"device_id": "0", "prefer_nhwc": "0", "fuse_conv_bias": "0", "enable_cuda_graph": "1"}
 
 
 def test_cuda_options_accept_an_in_memory_model():
@@ -271,7 +274,7 @@ def test_cuda_session_wiring(fake_gpu):
     assert fake_gpu == ["preload"]
     assert made["source"] == static.SerializeToString()
     assert made["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert made["provider_options"][0] == {"device_id": "0", "prefer_nhwc": "1", "enable_cuda_graph": "1"}
+    assert made["provider_options"][0] == {"device_id": "0", "prefer_nhwc": "1", "fuse_conv_bias": "1", "enable_cuda_graph": "1"}
     assert built.cuda_graph and built.notes == []
     make_session(TRANSFORMER, "cuda")
     assert fake_gpu == ["preload"]  # once per process
@@ -497,7 +500,7 @@ def test_session_settings():
     settings = SessionSettings(nhwc=False, cuda_graph=True)
     assert dict(provider_options("cuda", None, settings))["CUDAExecutionProvider"]["enable_cuda_graph"] == "1"
     assert dict(provider_options("cuda", None, settings, cuda_graph=False))["CUDAExecutionProvider"]["enable_cuda_graph"] == "0"
-    with pytest.raises(TypeError, match="session settings are: nhwc, cuda_graph"):
+    with pytest.raises(TypeError, match="session settings are: nhwc, fuse_conv_bias, cuda_graph"):
         make_session(CNN, nhwcc=True)
     with pytest.raises(ValueError, match="cuda_graph decided"):
         provider_options("cuda", CNN, cuda_graph=None)
