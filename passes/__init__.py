@@ -9,6 +9,7 @@ from onnxmp.passes import (  # noqa: F401
     fusion_gelu,
     fusion_gemm,
     fusion_layernorm,
+    fusion_rowwise_gemm,
     fusion_skip_layernorm,
     identity_removal,
     precision,

@@ -442,7 +442,10 @@ def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext, 
     remove_nodes(graph, match.nodes)
     steps = match.output_steps
     dtype = np.dtype(match.x.dtype)
-    first = [output] if not steps else [gs.Variable(ctx.fresh_name(f"{emit.base}/{RULE}_out"), dtype=dtype)]
+    # Attention's output is [batch, sequence, v_hidden]: typed here because onnx's shape inference
+    # knows no contrib op, and the layout ops after it (and later passes) need the shape.
+    shape = list(match.x.shape[:-1]) + [weight.shape[1] // 3] if match.x.shape is not None else None
+    first = [output] if not steps else [gs.Variable(ctx.fresh_name(f"{emit.base}/{RULE}_out"), dtype=dtype, shape=shape)]
     result = emit.node("Attention", inputs, first, domain=MS_DOMAIN, **attrs)
     for index, (op, operand) in enumerate(steps):
         last = index == len(steps) - 1

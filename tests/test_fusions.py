@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS
 from helpers import assert_same_outputs, max_relative_error, random_feeds, session
-from onnxmp.api import optimize_model
+from onnxmp.api import op_histogram, optimize_model
 from onnxmp.dump import dump_model
 from onnxmp.ir import Model, provenance
 
@@ -340,3 +340,23 @@ def test_precision_keeps_fused_ops_without_cpu_kernels_in_float32():
     model = optimize_model(MODELS / "transformer_block.onnx", passes=f"{FUSIONS},precision{{dtype=fp16}}", target="cpu").model
     gelu = next(n for n in model.graph.nodes if n.op == "BiasGelu")
     assert gelu.outputs[0].dtype == np.float32  # onnxruntime's CPU BiasGelu is float32 only
+
+
+# ---------------------------------------------------------------- fuse-rowwise-gemm
+def test_rowwise_gemm_folds_only_the_exact_round_trip():
+    model = optimize_model(MODELS / "rowwise_gemm.onnx", passes="fuse-rowwise-gemm", verify_each=True).model
+    producers = {t.name: n for n in model.graph.nodes for t in n.outputs}
+    assert producers["y_round_trip"].op == "Add" and producers["y_not_inverse"].op == "Transpose"
+    assert producers["y_regrouped"].op == "Transpose"
+    assert sum(n.op == "Gemm" for n in model.graph.nodes) == 2
+
+
+def test_rowwise_gemm_removes_the_out_projection_transposes_of_a_specialized_vit():
+    passes = ("cleanup,remove-identity,specialize-shapes{dims=[batch=3]},fold-constants,fuse-attention,"
+              "fuse-rowwise-gemm,fold-constants,cleanup")
+    model = optimize_model(MODELS / "tiny_vit.onnx", passes=passes, target="cuda", verify_each=True).model
+    ops = op_histogram(model)
+    assert ops.get("Gemm") == 1 and ops.get("Transpose") == 1  # the head's Gemm and the patch embedding's Transpose
+    feeds = {"input": np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    want = session(str(MODELS / "tiny_vit.onnx")).run(None, feeds)[0]
+    assert max_relative_error(want, session(model.to_proto()).run(None, feeds)[0]) <= 1e-4

@@ -24,6 +24,7 @@ GOLDEN_CASES = {
     "fuse-matmul-add": ["matmul_add", "transformer_block"],
     "fuse-attention": ["transformer_block"],
     "fuse-layernorm": ["transformer_block"],
+    "fuse-rowwise-gemm": ["rowwise_gemm"],
     "fuse-gelu": ["transformer_block", "tiny_vit"],
     "fuse-skip-layernorm": ["tiny_transformer"],
     "specialize-shapes": ["constant_subgraph", "transformer_block_static"],
