@@ -14,7 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import MODELS
 from helpers import assert_same_outputs, max_relative_error, random_feeds, session
 from onnxmp.api import op_histogram, optimize_model
-from onnxmp.dump import dump_model
 from onnxmp.ir import Model, provenance
 
 H = 8
