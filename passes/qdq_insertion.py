@@ -684,15 +684,49 @@ def _clip_bounds(node: gs.Node) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------ rewriting
-class _Rewriter:
+class QdqEmitter:
+    """Creates Q/DQ nodes and their scale/zero-point constants for a placement's rewriter (every
+    target's); created nodes carry the pass's provenance and are collected in ``created``."""
+
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+        self.created: list[gs.Node] = []
+
+    def _qdq(self, tensor: gs.Tensor, params: QuantParams) -> gs.Variable:
+        scale, zero_point = self._param_constants(tensor.name, params)
+        quantized = gs.Variable(self.ctx.fresh_name(f"{tensor.name}/quantized"), params.qtype.numpy, tensor.shape)
+        dequantized = gs.Variable(self.ctx.fresh_name(f"{tensor.name}/dequantized"), np.float32, tensor.shape)
+        self._node("QuantizeLinear", f"{tensor.name}/q", [tensor, scale, zero_point], quantized)
+        self._node("DequantizeLinear", f"{tensor.name}/dq", [quantized, scale, zero_point], dequantized)
+        self.ctx.record(**{"pass": NAME, "tensor": tensor.name, "role": "activation", **params.report()})
+        return dequantized
+
+    def _param_constants(self, base: str, params: QuantParams) -> tuple[gs.Constant, gs.Constant]:
+        shared = getattr(params, "_constants", None)
+        if shared is None:  # one scale/zero-point pair per parameter set: move ops share it exactly
+            shared = (
+                gs.Constant(self.ctx.fresh_name(f"{base}/scale"), np.asarray(params.scale, np.float32)),
+                gs.Constant(self.ctx.fresh_name(f"{base}/zero_point"), np.asarray(params.zero_point, params.qtype.numpy)),
+            )
+            params._constants = shared  # type: ignore[attr-defined]
+        return shared
+
+    def _node(self, op: str, base: str, inputs: list, output: gs.Variable, **attrs: Any) -> gs.Node:
+        node = gs.Node(op, self.ctx.fresh_name(base), attrs, inputs, [output])
+        set_provenance(node, NAME)
+        self.created.append(node)
+        return node
+
+
+class _Rewriter(QdqEmitter):
     """Inserts the Q/DQ pairs, quantized weights and biases that a placement chose."""
 
     def __init__(self, model: Model, ctx: PassContext, plan: _Placement):
-        self.model, self.ctx, self.plan = model, ctx, plan
+        super().__init__(ctx)
+        self.model, self.plan = model, plan
         self.graph = model.graph
         self.dequantized: dict[int, gs.Variable] = {}  # tensor id -> DQ output
         self.weights: dict[tuple[str, int | None], tuple[gs.Variable, QuantParams]] = {}
-        self.created: list[gs.Node] = []
 
     def apply(self) -> None:
         plan = self.plan
@@ -728,31 +762,6 @@ class _Rewriter:
                 if id(tensor) in self.plan.params and id(tensor) not in seen:
                     seen[id(tensor)] = tensor
         return list(seen.values())
-
-    def _qdq(self, tensor: gs.Tensor, params: QuantParams) -> gs.Variable:
-        scale, zero_point = self._param_constants(tensor.name, params)
-        quantized = gs.Variable(self.ctx.fresh_name(f"{tensor.name}/quantized"), params.qtype.numpy, tensor.shape)
-        dequantized = gs.Variable(self.ctx.fresh_name(f"{tensor.name}/dequantized"), np.float32, tensor.shape)
-        self._node("QuantizeLinear", f"{tensor.name}/q", [tensor, scale, zero_point], quantized)
-        self._node("DequantizeLinear", f"{tensor.name}/dq", [quantized, scale, zero_point], dequantized)
-        self.ctx.record(**{"pass": NAME, "tensor": tensor.name, "role": "activation", **params.report()})
-        return dequantized
-
-    def _param_constants(self, base: str, params: QuantParams) -> tuple[gs.Constant, gs.Constant]:
-        shared = getattr(params, "_constants", None)
-        if shared is None:  # one scale/zero-point pair per parameter set: move ops share it exactly
-            shared = (
-                gs.Constant(self.ctx.fresh_name(f"{base}/scale"), np.asarray(params.scale, np.float32)),
-                gs.Constant(self.ctx.fresh_name(f"{base}/zero_point"), np.asarray(params.zero_point, params.qtype.numpy)),
-            )
-            params._constants = shared  # type: ignore[attr-defined]
-        return shared
-
-    def _node(self, op: str, base: str, inputs: list, output: gs.Variable, **attrs: Any) -> gs.Node:
-        node = gs.Node(op, self.ctx.fresh_name(base), attrs, inputs, [output])
-        set_provenance(node, NAME)
-        self.created.append(node)
-        return node
 
     def _constants(self, node: gs.Node) -> None:
         """Quantized weights, biases and constant data inputs of one quantized node."""

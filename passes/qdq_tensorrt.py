@@ -71,7 +71,15 @@ from onnxmp.errors import DataError, PassError
 from onnxmp.ir import Model, constant_value, elem_type, graph_output_ids, is_omitted, iter_graphs, provenance
 from onnxmp.ir import set_provenance, subgraphs
 from onnxmp.pass_manager import PassContext
-from onnxmp.passes.qdq_insertion import NAME, QTYPES, TENSORRT_OPS, QuantParams, _activation_params, _weight_params
+from onnxmp.passes.qdq_insertion import (
+    NAME,
+    QTYPES,
+    TENSORRT_OPS,
+    QdqEmitter,
+    QuantParams,
+    _activation_params,
+    _weight_params,
+)
 from onnxmp.shapes import infer_shapes
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -306,12 +314,12 @@ class _Placement:
 
 
 # ------------------------------------------------------------------------------ rewriting
-class _Rewriter:
+class _Rewriter(QdqEmitter):
     """Shared Q/DQ pairs on the chosen activations; weights stored quantized behind a DequantizeLinear."""
 
     def __init__(self, model: Model, ctx: PassContext, plan: _Placement):
-        self.model, self.ctx, self.plan = model, ctx, plan
-        self.created: list[gs.Node] = []
+        super().__init__(ctx)
+        self.model, self.plan = model, plan
         self.weights: dict[tuple[str, int | None], gs.Variable] = {}
 
     def apply(self) -> None:
@@ -334,15 +342,6 @@ class _Rewriter:
         plan.graph.nodes.extend(self.created)
         self.model.shapes_current = False
 
-    def _qdq(self, tensor: gs.Tensor, params: QuantParams) -> gs.Variable:
-        scale, zero_point = self._constants(tensor.name, params)
-        quantized = gs.Variable(self.ctx.fresh_name(f"{tensor.name}/quantized"), params.qtype.numpy, tensor.shape)
-        dequantized = gs.Variable(self.ctx.fresh_name(f"{tensor.name}/dequantized"), np.float32, tensor.shape)
-        self._node("QuantizeLinear", f"{tensor.name}/q", [tensor, scale, zero_point], quantized)
-        self._node("DequantizeLinear", f"{tensor.name}/dq", [quantized, scale, zero_point], dequantized)
-        self.ctx.record(**{"pass": NAME, "tensor": tensor.name, "role": "activation", **params.report()})
-        return dequantized
-
     def _weight(self, node: gs.Node) -> gs.Variable:
         weight = node.inputs[1]
         values = np.asarray(constant_value(weight), np.float32)
@@ -351,24 +350,13 @@ class _Rewriter:
         if key not in self.weights:
             quantized, params = _fp8_weight(values) if self.plan.fp8 else _weight_params(values, axis)
             stored = gs.Constant(self.ctx.fresh_name(f"{weight.name}/quantized"), np.ascontiguousarray(quantized))
-            scale, zero_point = self._constants(weight.name, params)
+            scale, zero_point = self._param_constants(weight.name, params)
             out = gs.Variable(self.ctx.fresh_name(f"{weight.name}/dequantized"), np.float32, list(values.shape))
             attrs = {"axis": axis} if axis is not None else {}
             self._node("DequantizeLinear", f"{weight.name}/dq", [stored, scale, zero_point], out, **attrs)
             self.ctx.record(**{"pass": NAME, "tensor": weight.name, "role": "weight", **params.report()})
             self.weights[key] = out
         return self.weights[key]
-
-    def _constants(self, base: str, params: QuantParams) -> tuple[gs.Constant, gs.Constant]:
-        return (
-            gs.Constant(self.ctx.fresh_name(f"{base}/scale"), np.asarray(params.scale, np.float32)),
-            gs.Constant(self.ctx.fresh_name(f"{base}/zero_point"), np.asarray(params.zero_point, params.qtype.numpy)),
-        )
-
-    def _node(self, op: str, base: str, inputs: list, output: gs.Variable, **attrs: Any) -> None:
-        node = gs.Node(op, self.ctx.fresh_name(base), attrs, inputs, [output])
-        set_provenance(node, NAME)
-        self.created.append(node)
 
 
 def _fp8_weight(values: np.ndarray) -> tuple[np.ndarray, QuantParams]:

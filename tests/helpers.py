@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 BATCH = 2
 
@@ -59,3 +60,21 @@ def assert_same_outputs(
             assert want.shape == got.shape and want.dtype == got.dtype, f"{name}: shape or dtype changed"
             error = max_relative_error(want, got)
             assert error <= rtol, f"{name}: relative error {error:.3g} > {rtol}"
+
+
+def calibration_folder(tmp_path, model: onnx.ModelProto | str, batches: int = 3, seed: int = 0):
+    """Deterministic N(0, 1) calibration batches for every input (symbolic dimensions: 2)."""
+    proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
+    rng = np.random.default_rng(seed)
+    folder = tmp_path / f"calib_{seed}"
+    if folder.exists():
+        return folder
+    folder.mkdir()
+    for index in range(batches):
+        arrays = {}
+        for info in proto.graph.input:
+            shape = [d.dim_value if d.HasField("dim_value") else 2 for d in info.type.tensor_type.shape.dim]
+            dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
+            arrays[info.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
+        np.savez(folder / f"batch_{index:03d}.npz", **arrays)
+    return folder

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, REPO
-from helpers import session
+from helpers import calibration_folder, session
 from onnxmp.api import optimize, optimize_model
 from onnxmp.dump import dump_model
 from onnxmp.errors import DataError, PassError, PolicyError
@@ -30,24 +30,6 @@ PIPELINE = "cleanup,fold-constants,fold-batchnorm,fuse-matmul-add,qdq-insertion,
 TRAINED_CALIBRATION = {"digits_cnn": DATA / "digits_calib", "tiny_transformer": DATA / "tiny_transformer_calib"}
 GOLDEN_FIXTURES = ["digits_cnn", "cnn_bn_residual", "tiny_transformer", "transformer_block", "matmul_add", "batchnorm_gemm"]
 INTEGER_KERNELS = ("QLinear", "QGemm", "MatMulInteger")
-
-
-def calibration_folder(tmp_path, model: onnx.ModelProto | str, batches: int = 3, seed: int = 0):
-    """Deterministic N(0, 1) calibration batches for every input (symbolic dimensions: 2)."""
-    proto = onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model
-    rng = np.random.default_rng(seed)
-    folder = tmp_path / f"calib_{seed}"
-    if folder.exists():
-        return folder
-    folder.mkdir()
-    for index in range(batches):
-        arrays = {}
-        for info in proto.graph.input:
-            shape = [d.dim_value if d.HasField("dim_value") else 2 for d in info.type.tensor_type.shape.dim]
-            dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
-            arrays[info.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
-        np.savez(folder / f"batch_{index:03d}.npz", **arrays)
-    return folder
 
 
 def quantize(fixture: str, tmp_path, passes: str = PIPELINE, **kwargs):

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from conftest import MODELS, REPO
-from helpers import session
+from helpers import calibration_folder, session
 from onnxmp.api import optimize, optimize_model
 from onnxmp.dump import dump_model
 from onnxmp.errors import PassError
@@ -36,25 +36,9 @@ def pipeline(dtype: str = "int8", extra: str = "", tail: str = "scale-folding,cl
     return f"cleanup,fold-constants,fold-batchnorm,fuse-matmul-add,{qdq},{tail}"
 
 
-def calibration_for(tmp_path, proto: onnx.ModelProto, batches: int = 3):
-    """Deterministic N(0, 1) batches for every float input, zeros for the others (symbolic dimensions: 2)."""
-    folder = tmp_path / "calib"
-    if not folder.exists():
-        folder.mkdir()
-        rng = np.random.default_rng(0)
-        for index in range(batches):
-            arrays = {}
-            for info in proto.graph.input:
-                shape = [d.dim_value if d.HasField("dim_value") else 2 for d in info.type.tensor_type.shape.dim]
-                dtype = helper.tensor_dtype_to_np_dtype(info.type.tensor_type.elem_type)
-                arrays[info.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype)
-            np.savez(folder / f"batch_{index:03d}.npz", **arrays)
-    return folder
-
-
 def quantize(model, tmp_path, dtype: str = "int8", passes: str | None = None, **kwargs):
     proto = onnx.load(str(MODELS / f"{model}.onnx")) if isinstance(model, str) else model
-    data = DATA / "digits_calib" if model == "digits_cnn" else calibration_for(tmp_path, proto)
+    data = DATA / "digits_calib" if model == "digits_cnn" else calibration_folder(tmp_path, proto)
     source = MODELS / f"{model}.onnx" if isinstance(model, str) else model
     return optimize_model(source, passes=passes or pipeline(dtype), calibration_data=data, calibration_cache=None,
                           verify_each=True, target="tensorrt", **kwargs)  # fmt: skip
