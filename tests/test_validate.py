@@ -521,3 +521,38 @@ def test_cli_validate_gates_from_policy(tmp_path, weights):
     assert result.exit_code == 1 and "relative L2 error" in result.stderr
     result = runner.invoke(main, ["validate", str(original), str(bad), "--policy", str(policy), "--max-rel-l2", "0.5"])
     assert result.exit_code == 0, result.output
+
+
+def _transposed_matmul(dtype: int) -> onnx.ModelProto:
+    """x [64, N, 192] -> Transpose(1, 0, 2) -> MatMul(W): float16 inside when ``dtype`` says so."""
+    weight = np.random.default_rng(0).standard_normal((192, 40)).astype(helper.tensor_dtype_to_np_dtype(dtype))
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("MatMul", ["t", "w"], ["y"])]
+    if dtype == TensorProto.FLOAT16:
+        nodes = [
+            helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+            helper.make_node("Transpose", ["x16"], ["t"], perm=[1, 0, 2]),
+            helper.make_node("MatMul", ["t", "w"], ["y16"]),
+            helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT),
+        ]
+    graph = helper.make_graph(
+        nodes, "transposed_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, "N", 192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64, 40])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_float16_candidates_that_crash_onnxruntime_cpu_at_level_all_still_validate(tmp_path):
+    """onnxruntime's CPU provider segfaults creating a session for this float16 graph at its default
+    optimization level (1.31, 1.32); validation must not take the process down with it."""
+    import subprocess
+    import sys
+
+    onnx.save(_transposed_matmul(TensorProto.FLOAT), tmp_path / "original.onnx")
+    onnx.save(_transposed_matmul(TensorProto.FLOAT16), tmp_path / "candidate.onnx")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(1).standard_normal((64, 2, 192)).astype(np.float32))
+    command = [sys.executable, "-m", "onnxmp.cli", "validate", str(tmp_path / "original.onnx"),
+               str(tmp_path / "candidate.onnx"), "--data", str(tmp_path / "data.npz"), "--max-rel-l2", "0.01"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stdout[-500:], done.stderr[-500:])
