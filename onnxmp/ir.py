@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, helper
+from onnx import TensorProto, external_data_helper, helper
 
 from onnxmp.errors import ModelLoadError, ModelSaveError
 
@@ -218,6 +218,25 @@ def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
                     yield from all_initializers(sub)
+
+
+def computes_float16(graph: onnx.GraphProto) -> bool:
+    """Whether a graph holds float16 weights, values or casts (subgraphs not searched).
+
+    onnxruntime's CPU provider (1.31, 1.32) segfaults creating a session at optimization level
+    "all" for some float16 graphs (its layout transformations; a float16 Transpose(1,0,2) ->
+    MatMul is enough), so sessions on the CPU provider use level "extended" for such graphs: the
+    same computation without those transformations.
+    """
+    if any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer):
+        return True
+    infos = list(graph.input) + list(graph.output) + list(graph.value_info)
+    if any(vi.type.tensor_type.elem_type == TensorProto.FLOAT16 for vi in infos):
+        return True
+    return any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute)
+        for node in graph.node
+    )
 
 
 def save_proto(proto: onnx.ModelProto, path: str | os.PathLike, external_data: bool) -> None:

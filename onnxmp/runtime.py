@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from onnxmp.errors import ModelLoadError, OnnxmpError
-from onnxmp.ir import all_initializers
+from onnxmp.ir import all_initializers, computes_float16
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -422,8 +422,12 @@ def build_session(
         raise OnnxmpError("CUDA graphs need the cuda or tensorrt provider; drop cuda_graph for cpu")
     _check_available(ort, provider)
     source = _session_source(model)
-    options = _session_options(ort, s.optimization, s.threads)
     notes: list[str] = []
+    optimization = s.optimization
+    if provider == "cpu" and optimization == "all" and computes_float16(_graph_proto(model).graph):
+        optimization = "extended"  # see onnxmp.ir.computes_float16
+        notes.append("optimization level 'extended', not 'all': onnxruntime's CPU provider can crash on float16 graphs at 'all'")
+    options = _session_options(ort, optimization, s.threads)
     auto_graph = s.cuda_graph is None
     s = replace(s, cuda_graph=_decide_cuda_graph(model, provider, s.cuda_graph, notes))
     if provider != "cpu":

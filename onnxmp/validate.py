@@ -52,6 +52,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxmp.errors import DataError, ModelLoadError, PolicyError, ValidationError, VerificationError
+from onnxmp.ir import computes_float16
 
 TINY = 1e-30  # floor of ||original||_2 in the relative L2 error
 GATE_NAMES = ("max_abs_error", "max_rel_l2_error", "min_cosine_similarity", "min_top1_agreement")
@@ -606,10 +607,8 @@ class _Runner:
             return
         options = ort.SessionOptions()
         options.log_severity_level = 3  # graph optimizations stay at the default level (ORT_ENABLE_ALL)
-        if tuple(providers) == ("CPUExecutionProvider",) and _computes_float16(header.graph):
-            # The CPU provider's layout transformations (level "all") crash the process on some
-            # float16 graphs (a float16 Transpose(1,0,2) -> MatMul does it in 1.31 and 1.32); level
-            # "extended" runs the same computation without them.
+        if tuple(providers) == ("CPUExecutionProvider",) and computes_float16(header.graph):
+            # see onnxmp.ir.computes_float16: level "all" can crash the CPU provider here
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
             self.session = ort.InferenceSession(source, options, providers=list(providers))
@@ -719,19 +718,6 @@ def _model_source(model: Any, role: str) -> tuple[str | bytes, onnx.ModelProto]:
 def _graph_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
     initializers = {t.name for t in graph.initializer}
     return [vi for vi in graph.input if vi.name not in initializers]
-
-
-def _computes_float16(graph: onnx.GraphProto) -> bool:
-    """Whether a graph holds float16 weights, values or casts (subgraphs not searched)."""
-    if any(t.data_type == TensorProto.FLOAT16 for t in graph.initializer):
-        return True
-    infos = list(graph.input) + list(graph.output) + list(graph.value_info)
-    if any(vi.type.tensor_type.elem_type == TensorProto.FLOAT16 for vi in infos):
-        return True
-    return any(
-        node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute)
-        for node in graph.node
-    )
 
 
 def _has_bfloat16_io(graph: onnx.GraphProto) -> bool:
