@@ -14,7 +14,9 @@ graph rewriting, not float16 range), what the fusions made, and how many casts i
 error onnxmp refused with. Architectures cover what the fusions must leave alone as well as what
 they must fuse: depthwise and squeeze-excitation CNNs, ConvNeXt's LayerNorm over channels,
 Swin's windowed attention with a relative position bias, a causal transformer decoder, an
-encoder with a key-padding mask, and a CRNN text recognizer (Conv + bidirectional LSTM).
+encoder with a key-padding mask, a CRNN text recognizer (Conv + bidirectional LSTM), and small
+transformers GPT-2, T5 encoder (RMSNorm, relative position bias) and Llama (RMSNorm, rotary
+embeddings, grouped-query attention) with padding masks.
 """
 
 from __future__ import annotations
@@ -105,6 +107,36 @@ def causal_decoder():
     return Decoder(), (1, 16, 64)
 
 
+def hf_model(kind: str):
+    """A small randomly initialized transformers model returning its last hidden state."""
+
+    def build():
+        torch = _torch()
+        import transformers
+
+        config = {
+            "gpt2": lambda: transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=64),
+            "t5": lambda: transformers.T5Config(num_layers=2, d_model=64, d_kv=16, num_heads=4, d_ff=128, vocab_size=500),
+            "llama": lambda: transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=128, vocab_size=500),
+        }[kind]()
+        config._attn_implementation = "eager"
+        inner = (transformers.T5EncoderModel if kind == "t5" else transformers.AutoModel.from_config)(config)
+
+        class Hidden(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, keep):
+                return self.inner(input_ids=input_ids, attention_mask=keep, use_cache=False).last_hidden_state \
+                    if kind != "t5" else self.inner(input_ids=input_ids, attention_mask=keep).last_hidden_state
+
+        return Hidden(), (("input_ids", (1, 16)), ("keep", (1, 16)))
+
+    return build
+
+
 MODELS = {
     "mobilenet_v3_small": torchvision_model("mobilenet_v3_small"),
     "efficientnet_b0": torchvision_model("efficientnet_b0"),
@@ -114,6 +146,9 @@ MODELS = {
     "crnn": crnn,
     "encoder_padding_mask": encoder_with_padding_mask,
     "causal_decoder": causal_decoder,
+    "gpt2": hf_model("gpt2"),
+    "t5_encoder": hf_model("t5"),
+    "llama": hf_model("llama"),
 }
 
 
@@ -127,8 +162,12 @@ def export(name: str, path: Path) -> list[tuple[str, tuple, np.dtype]]:
     inputs, names, dynamic = [], [], {}
     for index, item in enumerate(specs):
         input_name, shape = (item if isinstance(item[0], str) else (f"x{index}", item))
-        is_mask = input_name == "keep"
-        inputs.append(torch.ones(shape, dtype=torch.int64) if is_mask else torch.randn(shape))
+        if input_name == "keep":
+            inputs.append(torch.ones(shape, dtype=torch.int64))
+        elif input_name == "input_ids":
+            inputs.append(torch.randint(0, 500, shape))
+        else:
+            inputs.append(torch.randn(shape))
         names.append(input_name)
         dynamic[input_name] = {0: "batch"}
     mha = getattr(torch.backends, "mha", None)
@@ -145,7 +184,9 @@ def feeds(specs, batch: int, seed: int) -> dict[str, np.ndarray]:
     out = {}
     for name, shape, dtype in specs:
         shape = (batch,) + tuple(shape[1:])
-        if dtype == np.int64:  # a padding mask: every row keeps its first half
+        if name == "input_ids":
+            out[name] = rng.integers(0, 500, shape).astype(np.int64)
+        elif dtype == np.int64:  # a padding mask: every row keeps at least its first half
             mask = np.ones(shape, np.int64)
             mask[:, shape[1] // 2 + rng.integers(0, shape[1] // 2):] = 0
             out[name] = mask
