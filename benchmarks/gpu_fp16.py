@@ -112,6 +112,7 @@ except ImportError:  # running from a checkout without an install
     import onnxmp  # noqa: F401
 
 from onnxmp import runtime as rt  # noqa: E402
+from onnxmp.ir import iter_proto_nodes  # noqa: E402
 
 FULL_MODELS = ("resnet50", "bert", "vit")
 TINY_MODELS = ("tiny-cnn", "tiny-bert", "tiny-vit")
@@ -535,21 +536,10 @@ def roofline(row: dict, flops: int | None, peak: tuple[str, float, float] | None
 
 
 # ================================================================================ model files
-def iter_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_nodes(sub)
-
-
 def graph_summary(path: Path) -> dict:
     """Op histogram, Cast count and the graph inputs (name, numpy dtype, dims) of a model file."""
     proto = onnx.load(str(path), load_external_data=False)
-    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in iter_nodes(proto.graph))
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in iter_proto_nodes(proto.graph))
     inits = {t.name for t in proto.graph.initializer}
     inputs = []
     for info in proto.graph.input:

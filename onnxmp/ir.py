@@ -161,6 +161,17 @@ class Model:
             return requested
         return self.external_data or weight_bytes(self.graph) >= TWO_GB
 
+    def adopt(self, proto: onnx.ModelProto, provenance_by_name: dict[str, str | None]) -> None:
+        """Take the graph and opsets of ``proto`` (this model as saved earlier, or converted),
+        giving its nodes back the provenance they had by name: to_proto writes provenance only
+        from IR version 10, so a round trip of an older model would drop it."""
+        adopted = Model.from_proto(proto)
+        self.graph, self.opset_imports = adopted.graph, adopted.opset_imports
+        for node in self.graph.nodes:
+            if provenance_by_name.get(node.name):
+                set_provenance(node, provenance_by_name[node.name])
+        self.shapes_current = False
+
     def node_count(self) -> int:
         return sum(len(g.nodes) for g in iter_graphs(self.graph))
 
@@ -209,15 +220,30 @@ def external_data_files(proto: onnx.ModelProto, folder: Path) -> list[Path]:
     return [folder / location for location in sorted(locations)]
 
 
+def proto_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The If/Loop/Scan bodies held by a NodeProto's attributes."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def iter_proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every NodeProto of ``graph`` and of its subgraphs, depth first."""
+    for node in graph.node:
+        yield node
+        for sub in proto_subgraphs(node):
+            yield from iter_proto_nodes(sub)
+
+
 def all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from all_initializers(sub)
+        for sub in proto_subgraphs(node):
+            yield from all_initializers(sub)
 
 
 def computes_float16(graph: onnx.GraphProto) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -117,6 +118,17 @@ def _pass_item_schema(passes: dict[str, type[Pass]]) -> dict[str, Any]:
             for name, cls in passes.items()
         ],
     }
+
+
+def compile_patterns(texts: list[str], option: str) -> list[re.Pattern]:
+    """Regular expressions of a pass option; PolicyError naming the option for an invalid one."""
+    compiled = []
+    for text in texts:
+        try:
+            compiled.append(re.compile(text))
+        except re.error as exc:
+            raise PolicyError(f"{option}: '{text}' is not a valid regular expression ({exc})") from exc
+    return compiled
 
 
 def validate_policy_data(data: Any, source: str) -> None:

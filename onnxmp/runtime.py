@@ -26,13 +26,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import onnx
 
 from onnxmp.errors import ModelLoadError, OnnxmpError
-from onnxmp.ir import all_initializers, computes_float16
+from onnxmp.ir import all_initializers, computes_float16, iter_proto_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
@@ -85,7 +85,7 @@ def conv_counts(model: str | os.PathLike | onnx.ModelProto) -> tuple[int, int]:
     """(convolution nodes, compute nodes) over the graph and its subgraphs (see NON_COMPUTE_OPS)."""
     proto = _graph_proto(model)
     convs = compute = 0
-    for node in _iter_nodes(proto.graph):
+    for node in iter_proto_nodes(proto.graph):
         if node.op_type in NON_COMPUTE_OPS:
             continue
         compute += 1
@@ -107,19 +107,8 @@ def is_conv_heavy(model: str | os.PathLike | onnx.ModelProto) -> bool:
     return convs >= CONV_COUNT or convs / compute >= CONV_FRACTION
 
 
-def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _iter_nodes(sub)
-
-
 def _has_qdq(proto: onnx.ModelProto) -> bool:
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in _iter_nodes(proto.graph))
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in iter_proto_nodes(proto.graph))
 
 
 # --------------------------------------------------------------------- model sources

@@ -18,7 +18,6 @@ Every other node runs in the low type. Where the two regions meet, the minimum c
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,6 +28,7 @@ from onnx import TensorProto, helper
 from onnxmp.errors import PolicyError
 from onnxmp.ir import Model, elem_type, is_omitted, set_provenance, subgraphs
 from onnxmp.pass_manager import Pass, PassContext, register
+from onnxmp.policy import compile_patterns
 from onnxmp.regions import S, T, RegionProblem
 from onnxmp.shapes import infer_shapes
 from onnxmp.type_constraints import CONTRIB_SIGNATURES, FLOAT32, NodeTyping, is_float32_tensor, node_typing
@@ -110,12 +110,7 @@ class Precision(Pass):
         unknown = sorted(op for op in self.keep_ops if not _known_op(op))
         if unknown:
             raise PolicyError(f"keep_op_types: unknown op type(s) {unknown}; use ONNX op names such as 'Softmax'")
-        self.patterns = []
-        for text in self.options.keep_node_patterns:
-            try:
-                self.patterns.append(re.compile(text))
-            except re.error as exc:
-                raise PolicyError(f"keep_node_patterns: '{text}' is not a valid regular expression ({exc})") from exc
+        self.patterns = compile_patterns(self.options.keep_node_patterns, "keep_node_patterns")
 
     def run(self, model: Model, ctx: PassContext) -> bool:
         infer_shapes(model)

@@ -74,7 +74,6 @@ quantization: ``passes/qdq_tensorrt.py``.
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -98,6 +97,7 @@ from onnxmp.ir import (
 from onnxmp.cpu_cost import CostEstimate
 from onnxmp.cpu_cost import estimate as estimate_cost
 from onnxmp.pass_manager import Pass, PassContext, register
+from onnxmp.policy import compile_patterns
 from onnxmp.quant_calibration import DEFAULT_BINS, METHODS, MIN_BINS, TensorHistogram, quantization_params
 from onnxmp.shapes import infer_shapes
 
@@ -342,12 +342,7 @@ class QdqInsertion(Pass):
             unknown = sorted(set(chosen) - known)
             if unknown:
                 raise PolicyError(f"op_types: {unknown} cannot be quantized; supported: {', '.join(sorted(known))}")
-        self.patterns = []
-        for text in self.options.keep_node_patterns:
-            try:
-                self.patterns.append(re.compile(text))
-            except re.error as exc:
-                raise PolicyError(f"keep_node_patterns: '{text}' is not a valid regular expression ({exc})") from exc
+        self.patterns = compile_patterns(self.options.keep_node_patterns, "keep_node_patterns")
         self.qtype = QTYPES[self.options.activation_dtype]
         bins = self.options.histogram_bins
         if bins < MIN_BINS or bins & (bins - 1):
@@ -403,13 +398,7 @@ class QdqInsertion(Pass):
         for verdict in verdicts:
             ctx.record(**{"pass": NAME, **verdict})
             if not verdict["kept"]:
-                restored = Model.from_proto(before)
-                model.graph = restored.graph
-                model.opset_imports = restored.opset_imports
-                for node in model.graph.nodes:
-                    if kept_provenance.get(node.name):
-                        set_provenance(node, kept_provenance[node.name])
-                model.shapes_current = False
+                model.adopt(before, kept_provenance)
                 infer_shapes(model)
                 plan.record(ctx, verdict["rule"])
                 return False

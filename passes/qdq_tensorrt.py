@@ -69,7 +69,7 @@ from onnx import TensorProto
 
 from onnxmp.errors import DataError, PassError
 from onnxmp.ir import Model, constant_value, elem_type, graph_output_ids, is_omitted, iter_graphs, provenance
-from onnxmp.ir import set_provenance, subgraphs
+from onnxmp.ir import subgraphs
 from onnxmp.pass_manager import PassContext
 from onnxmp.passes.qdq_insertion import (
     NAME,
@@ -143,13 +143,7 @@ def upgrade_opset(model: Model, version: int) -> None:
             f"from opset {old} (ops that changed: {', '.join(changed)}): {str(exc).splitlines()[0]}; "
             f"export the model at opset {version} or later"
         ) from exc
-    upgraded = Model.from_proto(converted)
-    model.graph = upgraded.graph
-    model.opset_imports = upgraded.opset_imports
-    for node in model.graph.nodes:
-        if kept.get(node.name):
-            set_provenance(node, kept[node.name])
-    model.shapes_current = False
+    model.adopt(converted, kept)
 
 
 def _schema_changed(op: str, old: int, new: int) -> bool:

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxmp.ir import iter_proto_nodes
+
 # Skip reason categories, in the order they are decided.
 UNSUPPORTED_VALUES = (
     "inputs or outputs onnxruntime's Python API cannot hold (bfloat16, float8, 4-/2-bit types, optionals)"
@@ -159,19 +161,8 @@ def onnxruntime_limits() -> Limits:
 
 
 # ---------------------------------------------------------------- re-stamping
-def _iter_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _iter_nodes(sub)
-
-
 def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
-    yield from _iter_nodes(model.graph)
+    yield from iter_proto_nodes(model.graph)
     for function in model.functions:
         for node in function.node:
             yield node
@@ -387,7 +378,7 @@ def _tensor_digest(tensor: onnx.TensorProto) -> str:
 
 
 def count_nodes(model: onnx.ModelProto) -> int:
-    return sum(1 for _ in _iter_nodes(model.graph))
+    return sum(1 for _ in iter_proto_nodes(model.graph))
 
 
 # ---------------------------------------------------------------- the corpus
