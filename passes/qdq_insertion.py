@@ -178,6 +178,19 @@ QTYPES = {
 WEIGHT_QMAX = 127  # weights: int8 symmetric in [-127, 127]
 
 
+def kept_by_user(node: gs.Node, owner: "QdqInsertion") -> str:
+    """The rule that keeps ``node`` float whatever the target (it owns subgraphs, or the policy's
+    keep_op_types / keep_node_patterns name it), or "" when none does."""
+    if subgraphs(node):
+        return "subgraph"
+    if node.op in owner.options.keep_op_types:
+        return "keep-op-type"
+    for pattern in owner.patterns:
+        if pattern.search(node.name or ""):
+            return f"keep-node-pattern: {pattern.pattern}"
+    return ""
+
+
 @dataclass
 class QuantParams:
     """Scale and zero point of one quantized tensor, and how they were found."""
@@ -476,13 +489,9 @@ class _Placement:
         self._assign_params()
 
     def _static_reason(self, node: gs.Node, rule: OpRule, statistics: bool = True) -> str:
-        if subgraphs(node):
-            return "subgraph"
-        if node.op in self.options.keep_op_types:
-            return "keep-op-type"
-        for pattern in self.owner.patterns:
-            if pattern.search(node.name or ""):
-                return f"keep-node-pattern: {pattern.pattern}"
+        kept = kept_by_user(node, self.owner)
+        if kept:
+            return kept
         if self.model.opset() < rule.min_opset:
             return f"opset: onnxruntime fuses {node.op} in 8 bits from opset {rule.min_opset}"
         outputs = [t for t in node.outputs if not is_omitted(t)]

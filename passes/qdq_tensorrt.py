@@ -69,7 +69,6 @@ from onnx import TensorProto
 
 from onnxmp.errors import DataError, PassError
 from onnxmp.ir import Model, constant_value, elem_type, graph_output_ids, is_omitted, iter_graphs, provenance
-from onnxmp.ir import subgraphs
 from onnxmp.pass_manager import PassContext
 from onnxmp.passes.qdq_insertion import (
     NAME,
@@ -79,6 +78,7 @@ from onnxmp.passes.qdq_insertion import (
     QuantParams,
     _activation_params,
     _weight_params,
+    kept_by_user,
 )
 from onnxmp.shapes import infer_shapes
 
@@ -199,13 +199,9 @@ class _Placement:
             self._residual_adds()
 
     def _keep_reason(self, node: gs.Node) -> str:
-        if subgraphs(node):
-            return "subgraph"
-        if node.op in self.options.keep_op_types:
-            return "keep-op-type"
-        for pattern in self.owner.patterns:
-            if pattern.search(node.name or ""):
-                return f"keep-node-pattern: {pattern.pattern}"
+        kept = kept_by_user(node, self.owner)
+        if kept:
+            return kept
         outputs = [t for t in node.outputs if not is_omitted(t)]
         if len(outputs) != 1 or elem_type(outputs[0]) != TensorProto.FLOAT:
             return "not-float32: the node must have one float32 output"
