@@ -28,7 +28,7 @@ def infer_shapes(model: Model) -> None:
     if model.shapes_current:
         return
     model.shapes_current = True
-    proto = _lightweight_proto(model)
+    proto = lightweight_proto(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError):
@@ -72,7 +72,8 @@ def _known(dims) -> int:
     return sum(1 for d in dims if isinstance(d, (int, np.integer)))
 
 
-def _lightweight_proto(model: Model) -> onnx.ModelProto:
+def lightweight_proto(model: Model) -> onnx.ModelProto:
+    """The model as a proto for shape inference: its nodes, small initializers, the rest typed inputs."""
     graph = model.graph
     initializers, declared = [], []
     for tensor in graph.tensors().values():
@@ -96,3 +97,52 @@ def _lightweight_proto(model: Model) -> onnx.ModelProto:
         ir_version=model.ir_version,
         functions=[OnnxExporter.export_function(f) for f in graph.functions],
     )
+
+
+def static_shapes_at(proto: onnx.ModelProto, dims: dict[str, int], names: Iterable[str]) -> dict[str, list[int] | None]:
+    """The static shapes ``names`` take when the graph inputs' symbolic dimensions have ``dims``'
+    values (None where inference cannot tell). ``proto`` comes from ``lightweight_proto`` and is
+    not modified.
+
+    onnx's inference runs first; names it leaves open go to onnxruntime's symbolic shape
+    inference, which resolves more (onnx cannot broadcast an unknown dimension against a 1)."""
+    names = list(names)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    for value in fixed.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in dims:
+                dim.dim_value = dims[dim.dim_param]
+    found = _static_shapes(_onnx_inference(fixed))
+    if any(name not in found for name in names):
+        found = {**_static_shapes(_onnxruntime_inference(fixed)), **found}
+    return {name: found.get(name) for name in names}
+
+
+def _onnx_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError):
+        return None
+
+
+def _onnxruntime_inference(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=False, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - the tool asserts and raises freely on models it cannot follow
+        return None
+
+
+def _static_shapes(proto: onnx.ModelProto | None) -> dict[str, list[int]]:
+    if proto is None:
+        return {}
+    found = {}
+    for info in list(proto.graph.value_info) + list(proto.graph.output) + list(proto.graph.input):
+        if not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = info.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            found[info.name] = [d.dim_value for d in dims]
+    return found

@@ -15,5 +15,6 @@ from onnxmp.passes import (  # noqa: F401
     precision,
     qdq_insertion,
     scale_folding,
+    simplify_padding_mask,
     specialize_shapes,
 )
