@@ -22,6 +22,7 @@ from typing import Iterator
 import onnx
 
 from onnxmp.kernels import kernel_supports, kernel_types
+from onnxmp.type_constraints import op_schema
 
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 HOST_SHAPE_OPS = frozenset({"Shape", "Size"})
@@ -79,14 +80,26 @@ def _element_types(proto: onnx.ModelProto) -> dict[str, int]:
 def _no_cuda_kernel(node: onnx.NodeProto, opsets: dict[str, int], types: dict[str, int]) -> str | None:
     domain = node.domain or ""
     opset = opsets.get(domain, opsets.get("ai.onnx", 0) if domain == "" else 0)
-    if kernel_types("cuda", node.op_type, domain, opset) is None:
+    registered = kernel_types("cuda", node.op_type, domain, opset)
+    if registered is None:
         return f"has no CUDA kernel in onnxruntime's table (domain '{domain or 'ai.onnx'}', opset {opset})"
-    for name in list(node.input) + list(node.output):
+    for name, constraint in _formal_types(node, domain, opset):
         elem = types.get(name) if name else None
-        if elem is None:
-            continue
+        if elem is None or (constraint is not None and constraint not in registered):
+            continue  # a formal of a fixed type (EmbedLayerNormalization's int32 ids) is not a kernel choice
         type_name = onnx.helper.tensor_dtype_to_string(elem).replace("TensorProto.", "").lower()
         if kernel_supports("cuda", node.op_type, domain, opset, type_name) is False:
             return f"has no CUDA kernel for {type_name} ('{name}')"
     return None
 
+
+def _formal_types(node: onnx.NodeProto, domain: str, opset: int) -> list[tuple[str, str | None]]:
+    """(tensor name, its formal's type constraint or None when the schema is unknown) for the
+    node's inputs and outputs."""
+    schema = op_schema(node.op_type, domain, opset)
+    named = []
+    for formals, actuals in ((getattr(schema, "inputs", None), node.input), (getattr(schema, "outputs", None), node.output)):
+        for position, name in enumerate(actuals):
+            formal = formals[min(position, len(formals) - 1)] if formals else None
+            named.append((name, formal.type_str if formal is not None else None))
+    return named

@@ -81,6 +81,12 @@ CONTRIB_SIGNATURES: dict[tuple[str, str], tuple[list[str], list[str], dict[str, 
         ["output:T", "present:T?"],
         {"T": _GPU_FLOATS, "M": _INT32},
     ),
+    ("com.microsoft", "EmbedLayerNormalization"): (
+        ["input_ids:T1", "segment_ids:T1?", "word_embedding:T", "position_embedding:T", "segment_embedding:T?",
+         "gamma:T", "beta:T", "mask:T1?", "position_ids:T1?"],
+        ["output:T", "mask_index:T1?", "embedding_sum:T?"],
+        {"T": ("tensor(float)", "tensor(float16)"), "T1": _INT32},
+    ),
     ("com.microsoft", "FusedConv"): (
         ["X:T", "W:T", "B:T?", "Z:T?"], ["Y:T"], {"T": ("tensor(float16)", "tensor(float)", "tensor(double)")}
     ),
@@ -88,7 +94,8 @@ CONTRIB_SIGNATURES: dict[tuple[str, str], tuple[list[str], list[str], dict[str, 
 
 
 @lru_cache(maxsize=None)
-def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
+def op_schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
+    """onnx's schema of the op at ``opset``, or one built from ``CONTRIB_SIGNATURES``; None if unknown."""
     try:
         return onnx.defs.get_schema(op_type, opset, domain)
     except onnx.defs.SchemaError:
@@ -96,7 +103,7 @@ def _schema(op_type: str, domain: str, opset: int) -> onnx.defs.OpSchema | None:
 
 
 def _contrib_schema(op_type: str, domain: str) -> onnx.defs.OpSchema | None:
-    """An unregistered OpSchema built from ``CONTRIB_SIGNATURES`` (only read by ``_bind``)."""
+    """An unregistered OpSchema built from ``CONTRIB_SIGNATURES`` (its formals are what callers read)."""
     signature = CONTRIB_SIGNATURES.get((domain, op_type))
     if signature is None:
         return None
@@ -136,7 +143,7 @@ def node_typing(node: gs.Node, opset: int, low: int) -> NodeTyping:
         return _castlike_typing(node)
     if node.op in ("Constant", "ConstantOfShape") and not domain:
         return _constant_typing(node)
-    schema = _schema(node.op, domain, opset)
+    schema = op_schema(node.op, domain, opset)
     if schema is None:
         return NodeTyping(reason=f"no schema for {domain or 'ai.onnx'}.{node.op} at opset {opset}")
     for name in TYPE_ATTRIBUTES:

@@ -6,6 +6,7 @@ from onnxmp.passes import (  # noqa: F401
     constant_folding,
     fold_batchnorm,
     fusion_attention,
+    fusion_embed_layernorm,
     fusion_gelu,
     fusion_gemm,
     fusion_layernorm,

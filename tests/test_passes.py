@@ -23,6 +23,7 @@ GOLDEN_CASES = {
     "fold-batchnorm": ["cnn_bn_residual", "batchnorm_gemm"],
     "fuse-matmul-add": ["matmul_add", "transformer_block"],
     "fuse-attention": ["transformer_block"],
+    "fuse-embed-layernorm": ["tiny_bert"],
     "fuse-layernorm": ["transformer_block"],
     "fuse-rowwise-gemm": ["rowwise_gemm"],
     "fuse-gelu": ["transformer_block", "tiny_vit"],
