@@ -54,8 +54,11 @@ channel gets scale 1. The report lists every quantized tensor with its scale, ze
 method, range and clip fraction (the share of calibration values beyond the range).
 
 ``cost_model`` (off by default; on in the ``int8-cpu`` preset, with ``min_speedup`` 1.2): the
-float and the QDQ model are costed by ``onnxmp.cpu_cost`` (MACs of the integer-kernel anchors,
-elements converted at region boundaries, node overhead); when INT8 is not estimated
+float and the QDQ model are costed by ``onnxmp.cpu_cost`` (MACs and output elements of the
+integer-kernel anchors, elements converted at region boundaries, node overhead). First each
+anchor whose integer kernel is estimated slower than its float one stays float (rule
+``estimated-slower-in-int8``: an RGB stem, a 16-channel 1x1, a 10-class head), so the regions
+form around the layers that gain; then, when INT8 is not estimated
 ``min_speedup`` times faster, the pass returns the float model unchanged and records rule
 ``estimated-slower-in-int8``. Deterministic: the same input gives the same bytes.
 
@@ -96,6 +99,7 @@ from onnxmp.ir import (
 )
 from onnxmp.cpu_cost import CostEstimate
 from onnxmp.cpu_cost import estimate as estimate_cost
+from onnxmp.cpu_cost import integer_pays
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.policy import compile_patterns
 from onnxmp.quant_calibration import DEFAULT_BINS, METHODS, MIN_BINS, TensorHistogram, quantization_params
@@ -497,6 +501,9 @@ class _Placement:
         outputs = [t for t in node.outputs if not is_omitted(t)]
         if len(outputs) != 1 or elem_type(outputs[0]) != FLOAT32:
             return "not-float32: the node must have one float32 output"
+        reason = self._cost_reason(node) if rule.kind == ANCHOR else ""
+        if reason:  # decided before statistics: its inputs are not observed
+            return reason
         for index in self.data_inputs(node, rule):
             tensor = node.inputs[index]
             if elem_type(tensor) != FLOAT32:
@@ -516,6 +523,13 @@ class _Placement:
             return "constant-data: every data input is a constant (fold-constants computes it)"
         if rule.kind == ANCHOR:
             return self._weight_reason(node)
+        return ""
+
+    def _cost_reason(self, node: gs.Node) -> str:
+        """With ``cost_model``: an anchor whose integer kernel is estimated slower than its float
+        one stays float (``onnxmp.cpu_cost.integer_pays``), whatever the rest of the model does."""
+        if self.options.cost_model and not integer_pays(node):
+            return "estimated-slower-in-int8: too few products per output for the integer kernel to gain"
         return ""
 
     def _weight_reason(self, node: gs.Node) -> str:
