@@ -13,6 +13,9 @@ opset 17, symbolic batch, latency at batch 1):
 
 - ``digits_cnn``, ``tiny_transformer``: the trained fixtures; calibration from
   ``fixtures/data/*_calib``, agreement and accuracy on the held-out files.
+- ``digits_detector``: the trained YOLO-style digit detector of ``fixtures/train_detector.py``
+  (3x160x160, output [N, 14, 500]: 4 box + 10 class channels per anchor); calibration and
+  evaluation images from ``fixtures/data/digits_detector_*``.
 - ``cnn_bn_residual``, ``transformer_block``: fixtures with random weights.
 - ``resnet18``, ``resnet50``: torchvision's layouts (basic / bottleneck blocks, BatchNorm already
   folded into the convolutions), input [N,3,224,224], 1000 logits. He-normal weights; the last
@@ -57,7 +60,9 @@ models, so that at least a second is timed); ``fp32`` against itself shows the n
 ``top1`` = fraction of rows whose argmax is the FP32 model's (logits: over the classes; the
 detector: over the 80 class channels of each anchor; the json also has ``top1_decided``, the same
 over anchors whose FP32 top-2 class logits differ by at least ``DECIDED_MARGIN``, and their
-``decided_share``); ``acc`` = held-out accuracy where labels
+``decided_share``; a trained detector, ``digits_detector``: over the anchors where FP32 detects an
+object, a class sigmoid at least the fixture's ``score_threshold``, as detectors are judged, with
+``top1_all_anchors`` and ``detected_share`` in the json); ``acc`` = held-out accuracy where labels
 exist; ``rel_l2`` = ||int8 - fp32|| / ||fp32|| of the first output; ``qlinear`` = integer kernels
 onnxruntime runs after its fusion (QLinearConv, QLinearMatMul, QGemm, MatMulIntegerToFloat, ...).
 """
@@ -237,9 +242,11 @@ class Case:
     """A model, its calibration batches, evaluation inputs (and labels when they exist)."""
 
     def __init__(self, name: str, model: onnx.ModelProto, calib: list[dict], evaluation: np.ndarray,
-                 labels: np.ndarray | None = None, classes_axis: int = -1, note: str = ""):  # fmt: skip
+                 labels: np.ndarray | None = None, classes_axis: int = -1, note: str = "",
+                 score_threshold: float | None = None):  # fmt: skip
         self.name, self.model, self.calib, self.evaluation, self.labels = name, model, calib, evaluation, labels
         self.classes_axis, self.note = classes_axis, note
+        self.score_threshold = score_threshold  # detector: a class sigmoid above this is a detection
 
 
 def _images(rng: np.random.Generator, count: int, shape: list[int]) -> np.ndarray:
@@ -273,6 +280,8 @@ def _fixture_case(name: str) -> Case:
         return _random_case(name, model, shape)
     calib = [dict(np.load(p)) for p in sorted((FIXTURES / trained["calibration"]).glob("*.npz"))]
     held = np.load(FIXTURES / trained["heldout"])
+    if "score_threshold" in trained:  # a detector: judged per anchor, its labels are boxes
+        return Case(name, model, calib, held["x"], classes_axis=1, score_threshold=trained["score_threshold"])
     return Case(name, model, calib, held["x"], held["labels"])
 
 
@@ -284,6 +293,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "resnet18": lambda: _random_case("resnet18", build_resnet(18), [3, 224, 224]),
     "resnet50": lambda: _random_case("resnet50", build_resnet(50), [3, 224, 224]),
     "yolo_like": lambda: _random_case("yolo_like", build_yolo_like(), [3, 320, 320], classes_axis=1),
+    "digits_detector": lambda: _fixture_case("digits_detector"),
     "bert_like": lambda: _random_case("bert_like", build_bert_like(), [128, 768]),
 }
 VARIANTS = ("fp32", "onnxmp", "onnxmp-int8", "ort-default", "ort-minmax", "ort-entropy", "ort-percentile")
@@ -406,10 +416,18 @@ def agreement(case: Case, reference: np.ndarray, candidate: np.ndarray) -> dict[
             ranked = np.sort(reference[:, 4:, :], axis=1)
             decided = ranked[:, -1, :] - ranked[:, -2, :] >= DECIDED_MARGIN
             extra = {"top1_decided": float(np.mean(same[decided])), "decided_share": float(np.mean(decided))}
+            if case.score_threshold is not None:  # judged as detectors are: where FP32 detects an object
+                detected = _sigmoid(reference[:, 4:, :].max(1)) >= case.score_threshold
+                top1 = float(np.mean(same[detected]))
+                extra.update(top1_all_anchors=float(np.mean(same)), detected_share=float(np.mean(detected)))
         elif reference.ndim == 2 or case.name != "transformer_block":
             top1 = float(np.mean(reference.argmax(-1) == candidate.argmax(-1)))
     accuracy = float(np.mean(candidate.argmax(-1) == case.labels)) if case.labels is not None else None
     return {"top1": top1, "rel_l2": rel_l2, "acc": accuracy, **extra}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
 def run_case(case: Case, variants: list[str], warmup: int, repeats: int, dump_fused: bool) -> list[dict]:
