@@ -217,11 +217,14 @@ def _session(model: onnx.ModelProto) -> Iterator[Any]:
 
 
 def _create_session(loadable: bytes | str) -> Any:
+    """The session; its worker threads sleep between runs instead of spinning, since between two
+    runs the caller folds the arrays into statistics and spinning threads would take its cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

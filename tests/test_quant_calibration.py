@@ -157,6 +157,15 @@ def test_binning_ten_million_values_counts_every_value():
     assert histogram.counts.sum() == values.size
 
 
+def test_binning_across_chunks_matches_numpy():
+    values = np.random.default_rng(2).laplace(size=3 * qc._CHUNK + 17).astype(np.float32)
+    values[:: qc._CHUNK // 3] = 0.0  # zeros in every chunk, the last one short
+    histogram = histogram_of(values)
+    reference, _ = np.histogram(np.abs(values.astype(np.float64)), bins=2048, range=(0.0, histogram.range))
+    assert np.array_equal(histogram.counts, reference)
+    assert histogram.zeros == int(np.count_nonzero(values == 0))
+
+
 def test_clip_fraction_reads_the_histogram():
     values = gaussian_with_outliers()
     histogram = histogram_of(values)
@@ -328,6 +337,18 @@ def test_mse_threshold_matches_a_brute_force_search(dtype, quantize):
     sweep = np.linspace(0.5, histogram.absmax, 300)
     best = min(error(t) for t in sweep)
     assert error(mse_threshold(histogram, dtype)) <= best * 1.005
+
+
+@pytest.mark.parametrize("step", [2 / 254, 1 / 255, 2 / 255])
+def test_uniform_rounding_errors_equal_the_integral_form(step):
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.exponential(40, 700) * (rng.random(700) > 0.3)).astype(np.float64)
+    counts[-1] = 5.0
+    candidates = np.arange(1, counts.size + 1)
+    grid = qc._Grid.uniform(step)
+    edges = np.minimum(np.arange(counts.size + 1)[None, :] / candidates[:, None], 1.0)
+    reference = candidates**3.0 * (np.diff(grid.rounding_integral(edges), axis=1) @ counts)
+    assert np.allclose(qc._uniform_rounding_errors(counts, candidates, step), reference, rtol=1e-12, atol=0)
 
 
 def naive_kl(counts: np.ndarray, edge: int, levels: int) -> float:
