@@ -119,6 +119,12 @@ def hf_model(kind: str):
             "t5": lambda: transformers.T5Config(num_layers=2, d_model=64, d_kv=16, num_heads=4, d_ff=128, vocab_size=500),
             "llama": lambda: transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                                                       num_key_value_heads=2, intermediate_size=128, vocab_size=500),
+            "bert": lambda: transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                                    intermediate_size=128, vocab_size=500, max_position_embeddings=64),
+            "distilbert": lambda: transformers.DistilBertConfig(n_layers=2, dim=64, n_heads=4, hidden_dim=128, vocab_size=500,
+                                                                max_position_embeddings=64),
+            "roberta": lambda: transformers.RobertaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                                          intermediate_size=128, vocab_size=500, max_position_embeddings=66),
         }[kind]()
         config._attn_implementation = "eager"
         inner = (transformers.T5EncoderModel if kind == "t5" else transformers.AutoModel.from_config)(config)
@@ -149,6 +155,9 @@ MODELS = {
     "gpt2": hf_model("gpt2"),
     "t5_encoder": hf_model("t5"),
     "llama": hf_model("llama"),
+    "bert": hf_model("bert"),
+    "distilbert": hf_model("distilbert"),
+    "roberta": hf_model("roberta"),
 }
 
 
