@@ -300,7 +300,9 @@ class _Retyper:
         self.typings, self.low_nodes, self.keep_io = typings, low_nodes, keep_io
         self.low_dtype = helper.tensor_dtype_to_np_dtype(low)
         self.casts: dict[tuple[str, int], gs.Variable] = {}
-        self.converted: dict[str, gs.Constant] = {}
+        # By identity, not name: attribute tensors (ConstantOfShape's value) are often unnamed, so
+        # names would mix up their values. The original is kept so that its id is not reused.
+        self.converted: dict[int, tuple[gs.Constant, gs.Constant]] = {}
         self.members = {id(n) for n in self.graph.nodes}
 
     def apply(self) -> None:
@@ -356,13 +358,13 @@ class _Retyper:
         return self.casts[key]
 
     def _convert_constant(self, constant: gs.Constant) -> gs.Constant:
-        if constant.name not in self.converted:
+        if id(constant) not in self.converted:
             largest, _ = LIMITS[self.low]
             values = np.asarray(constant.values, dtype=np.float32)
             values = np.where(np.isfinite(values), np.clip(values, -largest, largest), values)  # keep +-inf
             name = self.ctx.fresh_name(f"{constant.name}/{LOW_NAMES[self.low]}")
-            self.converted[constant.name] = gs.Constant(name, np.asarray(values.astype(self.low_dtype)))
-        return self.converted[constant.name]
+            self.converted[id(constant)] = (constant, gs.Constant(name, np.asarray(values.astype(self.low_dtype))))
+        return self.converted[id(constant)][1]
 
     def _fix_outer_scope_reads(self) -> None:
         """Subgraphs read outer tensors by name and keep their float32 interface."""

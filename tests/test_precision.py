@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import MODELS, REPO
 from helpers import max_relative_error, random_feeds, session
@@ -251,6 +251,38 @@ def test_fused_fp16_preset_keeps_trained_accuracy_on_onnxruntime(name):
     fused = session(model.to_proto())
     accuracy = top1(lambda f: fused.run(None, f)[0], inputs, labels, input_name)
     assert abs(accuracy - fp32) <= 0.001, f"{name}: FP32 {fp32:.4f}, fused fp16 {accuracy:.4f}"
+
+
+def test_unnamed_constant_of_shape_values_keep_their_own_values():
+    """torch exports ConstantOfShape values as unnamed tensors: each must be converted on its own
+    (a cache by name once gave every one the first one's value, 0 for 1, in torchvision's Swin)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+
+    def filled(name, value):
+        return helper.make_node("ConstantOfShape", ["shape"], [name], name=name,
+                                value=helper.make_tensor("", TensorProto.FLOAT, [1], [value]))
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        filled("zeros", 0.0), filled("ones", 1.0), filled("threes", 3.0),
+        helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
+        helper.make_node("Add", ["h1", "zeros"], ["h2"], name="add"),
+        helper.make_node("Mul", ["h2", "ones"], ["h3"], name="mul"),
+        helper.make_node("Add", ["h3", "threes"], ["h4"], name="add3"),
+        helper.make_node("MatMul", ["h4", "w"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    lowered = lower(model).model
+    values = {n.name: n.attrs["value"].values for n in lowered.graph.nodes if n.op == "ConstantOfShape"}
+    assert {name: v.dtype for name, v in values.items()} == dict.fromkeys(("zeros", "ones", "threes"), np.float16)
+    assert {name: float(v.reshape(-1)[0]) for name, v in values.items()} == {"zeros": 0.0, "ones": 1.0, "threes": 3.0}
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    want = session(model).run(None, {"x": x})[0]
+    got = session(lowered.to_proto()).run(None, {"x": x})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
 
 
 def test_infinity_stand_ins_saturate_so_a_fully_masked_softmax_stays_finite():
