@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar
 
 from onnxmp.errors import OnnxmpError, PassError, VerificationError
 from onnxmp.ir import TWO_GB, Model, NameGenerator, save_proto, weight_bytes
+from onnxmp.runtime import as_written_options
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 
@@ -251,10 +252,7 @@ def _verify(checkable: Any, loadable: Any) -> None:
         onnx.checker.check_model(checkable, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError(f"onnx.checker: {str(exc).strip().splitlines()[0]}") from exc
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(loadable, as_written_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise VerificationError(f"onnxruntime refuses to load it: {str(exc).strip()[:500]}") from exc

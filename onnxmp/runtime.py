@@ -81,6 +81,18 @@ NON_COMPUTE_OPS = frozenset(
 )
 
 
+def as_written_options(log_severity: int = 3) -> "onnxruntime.SessionOptions":
+    """Session options under which onnxruntime computes a graph exactly as written (graph
+    optimizations off): for folding, verifying, probing and calibrating, where a fused or
+    rewritten kernel would be another computation than the one being checked or measured."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = log_severity
+    return options
+
+
 def conv_counts(model: str | os.PathLike | onnx.ModelProto) -> tuple[int, int]:
     """(convolution nodes, compute nodes) over the graph and its subgraphs (see NON_COMPUTE_OPS)."""
     proto = _graph_proto(model)

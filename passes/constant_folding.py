@@ -32,6 +32,7 @@ from onnxmp.ir import (
     subgraphs,
 )
 from onnxmp.pass_manager import Pass, PassContext, register
+from onnxmp.runtime import as_written_options
 from onnxmp.shapes import infer_shapes
 
 NEVER_FOLD = {
@@ -270,9 +271,7 @@ def _standalone_model(
 def _ort_outputs(proto: onnx.ModelProto) -> list:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
+    options = as_written_options(log_severity=4)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {})
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from onnxmp.fusion import MS_DOMAIN, check_vector, float_dtype, for_onnxruntime, last_dim, set_like, use_ms_domain
+from onnxmp.fusion import MS_DOMAIN, as_vector, check_vector, float_dtype, for_onnxruntime, last_dim, set_like, use_ms_domain
 from onnxmp.head_layout import Analysis, dim_size
 from onnxmp.ir import Model, constant_value, producer
 from onnxmp.pass_manager import Pass, PassContext, register
@@ -186,7 +186,7 @@ def embed_layernorm(op, gamma, beta, match):
         position_table = op.const(position_table, "position_table")
     segment_table, segment_ids = found.get("segment", (None, None))
     inputs = [_int32(op, word_ids), _int32(op, segment_ids) if segment_ids is not None else None,
-              word_table, position_table, segment_table, _vector(op, gamma, hidden, "gamma"), _vector(op, beta, hidden, "beta")]
+              word_table, position_table, segment_table, as_vector(op, gamma, hidden, "gamma"), as_vector(op, beta, hidden, "beta")]
     epsilon = float(match.nodes["ln"].attrs.get("epsilon", DEFAULT_EPSILON))
     # onnxruntime's shape inference reads output 1 (mask_index) unconditionally, so it is written
     # though nothing reads it.
@@ -201,13 +201,6 @@ def _int32(op, ids: gs.Tensor) -> gs.Tensor:
     cast = op.Cast(ids, to=TensorProto.INT32)
     cast.dtype, cast.shape = np.int32, ids.shape
     return cast
-
-
-def _vector(op, tensor: gs.Tensor, size: int, hint: str) -> gs.Tensor:
-    values = constant_value(tensor)
-    if values is not None and values.shape == (size,):
-        return tensor
-    return op.const(np.ascontiguousarray(np.broadcast_to(values.reshape(-1), (size,))), hint)
 
 
 def rules() -> list[Rule]:

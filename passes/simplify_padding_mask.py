@@ -32,11 +32,11 @@ validates the whole model afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
@@ -55,7 +55,11 @@ from onnxmp.ir import (
 )
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.pattern import Rejected
+from onnxmp.runtime import as_written_options
 from onnxmp.shapes import infer_shapes, lightweight_proto, static_shapes_at
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnxruntime
 
 NAME = "simplify-padding-mask"
 PROBE_SIZES = ((1, 1), (2, 5), (3, 16), (1, 64), (2, 67), (2, 300), (1, 1031))
@@ -310,8 +314,10 @@ def _other_operand(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor:
     return second if first is tensor else first
 
 
-def _probe_session(cone: MaskCone, proto: onnx.ModelProto) -> ort.InferenceSession:
+def _probe_session(cone: MaskCone, proto: onnx.ModelProto) -> "onnxruntime.InferenceSession":
     """An onnxruntime session of the cone alone, without optimizations (it computes as written)."""
+    import onnxruntime as ort
+
     constants: dict[str, gs.Constant] = {}
     for node in cone.nodes:
         for tensor in node.inputs:
@@ -326,11 +332,8 @@ def _probe_session(cone: MaskCone, proto: onnx.ModelProto) -> ort.InferenceSessi
         initializer=[OnnxExporter.export_tensor_proto(t) for t in constants.values()],
     )
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), as_written_options(), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
         raise Rejected(f"onnxruntime cannot run the mask computation alone: {exc}") from exc
 
