@@ -3,6 +3,7 @@
 from onnxmp.passes import (  # noqa: F401
     cast_elimination,
     cleanup,
+    common_subexpression,
     constant_folding,
     fold_batchnorm,
     fusion_attention,

@@ -18,6 +18,7 @@ FP32_PASSES = sorted(name for name, cls in registered_passes().items() if cls.pr
 GOLDEN_CASES = {
     "cleanup": ["dead_code", "if_model"],
     "remove-identity": ["identity_chain", "if_model"],
+    "eliminate-common-subexpressions": ["tiny_bert", "rowwise_gemm"],
     "fold-constants": ["constant_subgraph", "transformer_block", "transformer_block_static", "qdq_model"],
     "cast-elimination": ["cast_chain", "if_model"],
     "fold-batchnorm": ["cnn_bn_residual", "batchnorm_gemm"],
