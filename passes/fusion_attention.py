@@ -5,6 +5,7 @@ Matched per Softmax, for the onnxruntime targets (``cpu``, ``cuda``)::
     Q, K, V  = heads(X @ Wq + bq), heads(X @ Wk + bk), heads(X @ Wv + bv)  # [B, N, S, D]
     scores   = (Q * cq) @ (K^T * ck) * c   (each scale optional; Mul or Div)
     probs    = Softmax(scores [+ mask], axis=-1)
+    probs    = Where(IsNaN(probs), 0, probs)                               # optional guard
     Y        = merge_heads(probs @ V)                                      # e.g. [B, S, N*D]
 
 ``heads``/``merge_heads`` are whatever Transpose/Reshape/Unsqueeze/Squeeze/Gather chain the
@@ -25,6 +26,15 @@ not folded into ``mask_index``/key_padding_mask: a 2-D key padding mask sends on
 kernels to the unfused path, an attention bias keeps the memory-efficient one, and the 1-D
 "sequence length" mask onnxruntime's own optimizer uses assumes right padding.
 
+torch exports scaled_dot_product_attention with a boolean mask as an additive mask of 0 and -inf
+plus the NaN guard above: a query row that masks every key (a batch item with an all-zero
+padding mask) gives 0 instead of NaN. Attention's kernels do not promise either, so the fused
+form makes that explicit: the bias has -inf raised to the type's lowest finite value (no row is
+all -inf any more), and Attention's output is multiplied by ``keep``, 0 on the rows whose mask
+was -inf everywhere and 1 elsewhere. Both are computed once per mask, so a layer pays one Mul.
+Such a mask must be the same for all heads. Without a mask the guard can only fire on NaN or
+infinite scores, which the fused op propagates instead.
+
 Anything that does not fit leaves the whole attention alone: a mask of another shape or type, a
 softmax on another axis, other perms, an intermediate tensor used outside the match (except Shape
 nodes reading a Transpose of X, which are rewired to X), differing head counts. The pass does
@@ -38,11 +48,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from onnxmp.fusion import MS_DOMAIN, for_onnxruntime, use_ms_domain
 from onnxmp.head_layout import LAYOUT_OPS, ONE, Analysis, Atom, Layout, Projection, Size, constant, dim_size, product
 from onnxmp.ir import (
     Model,
+    constant_value,
     consumers,
     graph_output_ids,
     iter_graphs,
@@ -59,6 +71,7 @@ from onnxmp.shapes import infer_shapes
 RULE = "fuse-attention"
 SCALE_RTOL = 1e-5
 FLOAT_TYPES = (np.dtype(np.float32), np.dtype(np.float16))
+AXES_INPUT_SINCE = {"Unsqueeze": 13, "Squeeze": 13, "ReduceMax": 18}
 ROLES = {"query": ("b", "h", "s", "d"), "key": ("b", "h", "d", "s"), "value": ("b", "h", "s", "d")}
 
 
@@ -101,9 +114,10 @@ class AttentionMatch:
     output_layout: Layout
     batch: Atom
     seq: Atom
+    guarded: bool = False  # the probabilities went through Where(IsNaN(P), 0, P)
     output_steps: list = field(default_factory=list)  # Transpose/Reshape from Attention's output to Y
     nodes: list[gs.Node] = field(default_factory=list)  # removed: the matched nodes and their private feeders
-    shape_rewires: list[tuple[gs.Node, gs.Node]] = field(default_factory=list)  # (Shape node, Transpose it read)
+    shape_rewires: list[tuple[gs.Node, list]] = field(default_factory=list)  # (Shape node, _shape_plan of what it read)
 
 
 def match_attention(softmax: gs.Node, graph: gs.Graph, opset: int) -> AttentionMatch:
@@ -112,11 +126,12 @@ def match_attention(softmax: gs.Node, graph: gs.Graph, opset: int) -> AttentionM
     axis = softmax.attrs.get("axis", -1 if opset >= 13 else 1)
     if axis not in (-1, 3):
         raise Rejected(f"'{softmax.name}' normalizes over axis {axis}, not the last of four")
-    users = consumers(softmax.outputs[0])
-    if len(users) != 1 or users[0].op != "MatMul" or users[0].inputs[0] is not softmax.outputs[0]:
+    probs, guard = _nan_guard(softmax)
+    users = consumers(probs)
+    if len(users) != 1 or users[0].op != "MatMul" or users[0].inputs[0] is not probs:
         raise Rejected(f"the probabilities of '{softmax.name}' are not read by exactly one MatMul")
     pv = users[0]
-    core = [softmax, pv]
+    core = [softmax, *guard, pv]
     scores, mask = _split_mask(softmax.inputs[0], analysis, core)
     scale, qk = _peel_scale(scores, analysis, core)
     if qk is None:
@@ -137,14 +152,34 @@ def match_attention(softmax: gs.Node, graph: gs.Graph, opset: int) -> AttentionM
         raise Rejected(f"query, key and value have different head layouts {sorted(shapes)}")
     if x.dtype is None or np.dtype(x.dtype) not in FLOAT_TYPES:
         raise Rejected(f"'{x.name}' is not known to be float32 or float16")
-    output, output_layout, tail = _output_chain(pv, branches["value"], batch, seq, analysis, graph)
+    output, output_layout, tail = _output_chain(pv, branches["value"], x, batch, seq, analysis, graph)
     if mask is not None:
         _check_mask(mask, x, branches["query"].num_heads, seq, analysis)
+        if guard:
+            _check_guarded_mask(mask)
     nodes = core + tail + [n for b in branches.values() for n in b.chain]
-    found = AttentionMatch(softmax, x, branches, scale * q_scale * k_scale, mask, output, output_layout, batch, seq)
+    found = AttentionMatch(softmax, x, branches, scale * q_scale * k_scale, mask, output, output_layout, batch, seq,
+                           guarded=bool(guard))
     found.output_steps = _output_plan(output_layout, batch, seq, branches["value"])
-    found.nodes, found.shape_rewires = _removable(_unique(nodes), found, graph)
+    found.nodes, found.shape_rewires = _removable(_unique(nodes), found, graph, analysis)
     return found
+
+
+def _nan_guard(softmax: gs.Node) -> tuple[gs.Tensor, list[gs.Node]]:
+    """(the probabilities the attention uses, the nodes of ``Where(IsNaN(P), 0, P)`` if P has it)."""
+    probs = softmax.outputs[0]
+    users = consumers(probs)
+    isnan = [u for u in users if u.op == "IsNaN"]
+    where = [u for u in users if u.op == "Where"]
+    if len(users) != 2 or len(isnan) != 1 or len(where) != 1:
+        return probs, []
+    check, select = isnan[0], where[0]
+    if select.inputs[0] is not check.outputs[0] or select.inputs[2] is not probs or len(consumers(check.outputs[0])) != 1:
+        return probs, []
+    zero = constant_value(select.inputs[1])
+    if zero is None or zero.size != 1 or float(zero.reshape(-1)[0]) != 0.0:
+        return probs, []
+    return select.outputs[0], [check, select]
 
 
 def _split_mask(tensor: gs.Tensor, analysis: Analysis, core: list) -> tuple[gs.Tensor, gs.Tensor | None]:
@@ -280,7 +315,7 @@ def _check_axes(role: str, branch: Branch, layout: Layout, batch: Atom, seq: Ato
     branch.heads, branch.dim, branch.fixed = heads, dim, fixed
 
 
-def _output_chain(pv: gs.Node, value: Branch, batch: Atom, seq: Atom, analysis: Analysis,
+def _output_chain(pv: gs.Node, value: Branch, x: gs.Tensor, batch: Atom, seq: Atom, analysis: Analysis,
                   graph: gs.Graph) -> tuple[gs.Tensor, Layout, list[gs.Node]]:
     """Y: where the layout ops after probs @ V end, and its layout."""
     tensor = pv.outputs[0]
@@ -288,7 +323,8 @@ def _output_chain(pv: gs.Node, value: Branch, batch: Atom, seq: Atom, analysis: 
     analysis.layouts[id(tensor)] = layout
     nodes, outputs = [], graph_output_ids(graph)
     while id(tensor) not in outputs:
-        users = consumers(tensor)
+        # Shape readers (torch reads the batch size off the attention's output) are rewired by _removable.
+        users = [u for u in consumers(tensor) if not _reads_shape_of_input(u, tensor, x, analysis)]
         follows = len(users) == 1 and users[0].op in LAYOUT_OPS and users[0].op != "Gather"
         if not follows or users[0].inputs[0] is not tensor:
             break
@@ -318,6 +354,13 @@ def _check_mask(mask: gs.Tensor, x: gs.Tensor, num_heads: int, seq: Atom, analys
             )
 
 
+def _check_guarded_mask(mask: gs.Tensor) -> None:
+    """A NaN-guarded attention's mask must not vary over heads: keep is applied per query row."""
+    rank = len(mask.shape)
+    if rank >= 3 and dim_size(mask, rank - 3) != ONE:
+        raise Rejected(f"the mask '{mask.name}' of a NaN-guarded softmax may differ between heads")
+
+
 def _mask_is_full(mask: gs.Tensor, seq: Atom) -> bool:
     """Whether the mask is statically [*, *, S, S], as Attention's attention_bias must be."""
     if mask.shape is None or len(mask.shape) != 4:
@@ -334,11 +377,12 @@ def _unique(nodes: list[gs.Node]) -> list[gs.Node]:
     return out
 
 
-def _removable(core: list[gs.Node], match: AttentionMatch, graph: gs.Graph) -> tuple[list, list]:
+def _removable(core: list[gs.Node], match: AttentionMatch, graph: gs.Graph, analysis: Analysis) -> tuple[list, list]:
     """The matched nodes plus the feeders only they use (shape subgraphs, scale constants).
 
     Rejects when a matched tensor other than Y is a graph output or has a reader outside, except a
-    Shape node that reads a Transpose of X: it is rewired to read X (and Gather the permuted dims).
+    Shape node whose every axis is static or an axis of X (a Transpose of X, the heads [B, N, S, D]
+    that torch reads the batch size from): it is rewired to read X and gather those axes.
     """
     inside = {id(n) for n in core}
     keep = {id(match.x)} | ({id(match.mask)} if match.mask is not None else set())
@@ -375,11 +419,37 @@ def _removable(core: list[gs.Node], match: AttentionMatch, graph: gs.Graph) -> t
             for user in tensor.outputs:
                 if id(user) in dead:
                     continue
-                if user.op == "Shape" and node.op == "Transpose" and node.inputs[0] is match.x and not user.attrs:
-                    rewires.append((user, node))
+                if _reads_shape_of_input(user, tensor, match.x, analysis):
+                    rewires.append((user, _shape_plan(tensor, match.x, analysis)))
                     continue
                 raise Rejected(f"'{tensor.name}' inside the attention is also read by '{user.name}'")
     return core + list(candidates.values()), rewires
+
+
+def _reads_shape_of_input(node: gs.Node, tensor: gs.Tensor, x: gs.Tensor, analysis: Analysis) -> bool:
+    """Whether ``node`` is Shape(tensor) and could read X's shape instead (see _shape_plan)."""
+    return node.op == "Shape" and not node.attrs and _shape_plan(tensor, x, analysis) is not None
+
+
+def _shape_plan(tensor: gs.Tensor, x: gs.Tensor, analysis: Analysis) -> list[tuple[str, int]] | None:
+    """Each axis of ``tensor`` as ("axis", index into X's shape) or ("static", size); None if some
+    axis is neither (or the tensor's layout is unknown)."""
+    layout = analysis.layouts.get(id(tensor))
+    if layout is None or layout.fixed:
+        return None
+    x_axes = analysis.base(x).axes
+    plan = []
+    for axis in layout.axes:
+        size = product(a.size for a in axis)
+        atoms = tuple(a for a in axis if a.size != ONE)
+        index = next((i for i, x_axis in enumerate(x_axes) if len(x_axis) == len(atoms) == 1 and x_axis[0] is atoms[0]), None)
+        if index is not None:
+            plan.append(("axis", index))
+        elif size.static:
+            plan.append(("static", size.coef))
+        else:
+            return None
+    return plan
 
 
 def _depends_on(tensor: gs.Tensor, nodes: set[int]) -> bool:
@@ -413,8 +483,15 @@ class _Emitter:
     def const(self, values: np.ndarray, hint: str) -> gs.Constant:
         return make_constant(self.ctx.fresh_name(f"{self.base}/{hint}"), values)
 
+    def axes_node(self, op: str, tensor: gs.Tensor, axes: list[int], opset: int, **attrs) -> gs.Tensor:
+        """Unsqueeze, Squeeze or ReduceMax over ``axes``: an input from the opset that made it one."""
+        if opset >= AXES_INPUT_SINCE[op]:
+            return self.node(op, [tensor, self.const(np.array(axes, np.int64), "axes")], **attrs)
+        return self.node(op, [tensor], axes=axes, **attrs)
 
-def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext, biases: dict | None = None) -> None:
+
+def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext, opset: int,
+                      biases: dict | None = None) -> None:
     """Replace the matched nodes by one Attention node (plus mask and output layout ops).
 
     ``biases`` maps (mask, sequence length) to its expanded attention bias, so that the layers of
@@ -427,20 +504,23 @@ def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext, 
     if not math.isclose(match.scale, 1.0 / math.sqrt(head_size), rel_tol=SCALE_RTOL):
         attrs["scale"] = float(match.scale)
     inputs = [match.x, emit.const(weight, "qkv_weight"), emit.const(bias, "qkv_bias")]
+    steps = list(match.output_steps)
     if match.mask is not None:
-        key = (id(match.mask), str(match.seq.size))
+        key = (id(match.mask), str(match.seq.size), match.guarded)
         cache = biases if biases is not None else {}
         if key not in cache:
-            cache[key] = _attention_bias(match, emit)
-        inputs += [gs.Variable.empty(), gs.Variable.empty(), cache[key]]
-    for shape_node, transpose in match.shape_rewires:
-        _rewire_shape(shape_node, transpose, emit)
+            cache[key] = _mask_inputs(match, emit, opset)
+        attention_bias, keep = cache[key]
+        inputs += [gs.Variable.empty(), gs.Variable.empty(), attention_bias]
+        if keep is not None:
+            steps.insert(0, ("Mul", keep))
+    for shape_node, plan in match.shape_rewires:
+        _rewire_shape(shape_node, plan, match.x, emit)
     output = match.output
     for node in match.nodes:
         node.inputs.clear()
         node.outputs.clear()
     remove_nodes(graph, match.nodes)
-    steps = match.output_steps
     dtype = np.dtype(match.x.dtype)
     # Attention's output is [batch, sequence, v_hidden]: typed here because onnx's shape inference
     # knows no contrib op, and the layout ops after it (and later passes) need the shape.
@@ -449,7 +529,10 @@ def rewrite_attention(match: AttentionMatch, graph: gs.Graph, ctx: PassContext, 
     result = emit.node("Attention", inputs, first, domain=MS_DOMAIN, **attrs)
     for index, (op, operand) in enumerate(steps):
         last = index == len(steps) - 1
-        if op == "Transpose":
+        if op == "Mul":  # first, on Attention's own layout: typed like it
+            typed = [output] if last else [gs.Variable(ctx.fresh_name(f"{emit.base}/{RULE}_out"), dtype=dtype, shape=shape)]
+            result = emit.node("Mul", [result, operand], typed)
+        elif op == "Transpose":
             result = emit.node("Transpose", [result], [output] if last else None, perm=operand)
         else:
             result = emit.node("Reshape", [result, emit.const(np.array(operand, np.int64), "shape")],
@@ -471,25 +554,45 @@ def _packed_weights(match: AttentionMatch) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(weights, axis=1).astype(dtype), np.concatenate(biases).astype(dtype)
 
 
-def _attention_bias(match: AttentionMatch, emit: _Emitter) -> gs.Tensor:
+def _mask_inputs(match: AttentionMatch, emit: _Emitter, opset: int) -> tuple[gs.Tensor, gs.Tensor | None]:
+    """(attention_bias, keep): keep is None unless the softmax was NaN-guarded (see the module doc)."""
+    if not match.guarded:
+        return _attention_bias(match.mask, match, emit), None
+    mask, dtype = match.mask, np.dtype(match.x.dtype)
+    rank = len(mask.shape)
+    full = mask if rank == 4 else emit.axes_node("Unsqueeze", mask, list(range(4 - rank)), opset)
+    top = emit.axes_node("ReduceMax", full, [3], opset, keepdims=1)  # [B|1, 1, S|1, 1]
+    every_key_masked = emit.node("IsInf", [top], detect_positive=0)
+    keep = emit.node("Cast", [emit.node("Not", [every_key_masked])], to=int(helper.np_dtype_to_tensor_dtype(dtype)))
+    keep = emit.axes_node("Squeeze", keep, [1], opset)  # [B|1, S|1, 1], against Attention's [B, S, N*D]
+    finite = emit.node("Max", [mask, emit.const(np.array(np.finfo(dtype).min, dtype), "lowest")])
+    return _attention_bias(finite, match, emit), keep
+
+
+def _attention_bias(mask: gs.Tensor, match: AttentionMatch, emit: _Emitter) -> gs.Tensor:
     """The mask, expanded to [.., .., S, S] unless its shape already is that."""
     if _mask_is_full(match.mask, match.seq):
-        return match.mask
+        return mask
     shape = emit.node("Shape", [match.x])
     seq = emit.node("Gather", [shape, emit.const(np.array([1, 1], np.int64), "seq_index")], axis=0)
     target = emit.node("Concat", [emit.const(np.array([1, 1], np.int64), "ones"), seq], axis=0)
-    return emit.node("Expand", [match.mask, target])
+    return emit.node("Expand", [mask, target])
 
 
-def _rewire_shape(shape_node: gs.Node, transpose: gs.Node, emit: _Emitter) -> None:
-    """Shape(Transpose(X, perm)) -> Gather(Shape(X), perm): the Transpose is going away."""
-    rank = len(transpose.attrs.get("perm") or [])
-    perm = list(transpose.attrs.get("perm") or range(rank - 1, -1, -1))
+def _rewire_shape(shape_node: gs.Node, plan: list[tuple[str, int]], x: gs.Tensor, emit: _Emitter) -> None:
+    """Shape(T) -> Gather(Shape(X) [+ T's static sizes], plan): T is going away."""
     old = shape_node.outputs[0]
     fresh = gs.Variable(emit.ctx.fresh_name(f"{old.name}/of_input"), dtype=np.int64)
-    shape_node.inputs[0] = transpose.inputs[0]
+    shape_node.inputs[0] = x
     shape_node.outputs[0] = fresh
-    emit.node("Gather", [fresh, emit.const(np.array(perm, np.int64), "perm")], [old], axis=0)
+    statics = [value for kind, value in plan if kind == "static"]
+    source = fresh
+    if statics:
+        source = emit.node("Concat", [fresh, emit.const(np.array(statics, np.int64), "sizes")], axis=0)
+    rank, indices = len(x.shape), []
+    for kind, value in plan:
+        indices.append(value if kind == "axis" else rank + len([i for i in indices if i >= rank]))
+    emit.node("Gather", [source, emit.const(np.array(indices, np.int64), "axes")], [old], axis=0)
 
 
 def _output_plan(layout: Layout, batch: Atom, seq: Atom, value: Branch) -> list[tuple[str, list]]:
@@ -583,7 +686,7 @@ class FuseAttention(Pass):
                     found = match_attention(softmax, graph, model.opset())
                 except Rejected:
                     continue
-                rewrite_attention(found, graph, ctx, biases)
+                rewrite_attention(found, graph, ctx, model.opset(), biases)
                 changed = True
             if changed:
                 toposort(graph)

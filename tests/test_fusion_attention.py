@@ -29,10 +29,17 @@ def bert_block(
     perm=(0, 2, 1, 3),
     probs_output=False,
     scale=1.0 / math.sqrt(HEAD_DIM),
+    torch_sdpa=False,
+    mask_heads=False,
 ) -> onnx.ModelProto:
     """A BERT-style self-attention: Q/K/V Linear, Reshape [0, 0, N, D] + Transpose, K^T as a second
     Transpose, scores / sqrt(D) (as Div), the (1 - mask) * -10000 [B, 1, 1, S] padding mask,
-    Softmax, probs @ V, Transpose + Reshape [0, 0, hidden]. The keywords make variants."""
+    Softmax, probs @ V, Transpose + Reshape [0, 0, hidden]. The keywords make variants.
+
+    ``torch_sdpa`` writes what torch 2.13 exports for scaled_dot_product_attention with a boolean
+    mask: Where(mask, 0, -inf), the Where(IsNaN(P), 0, P) guard after the softmax, and a merge
+    Reshape whose batch size is read off the query heads with Shape. ``mask_heads`` expands the
+    mask over the heads first."""
     rng = np.random.default_rng(7)
     inits, nodes = [], []
 
@@ -60,11 +67,23 @@ def bert_block(
     scores = node("Div", [scores, init("sqrt_d", np.array(1.0 / scale, np.float32))], "scale")
     mask = node("Unsqueeze", ["mask", init("axis1", np.array([1], np.int64))], "mask/unsqueeze1")
     mask = node("Unsqueeze", [mask, init("axis2", np.array([2], np.int64))], "mask/unsqueeze2")
-    mask = node("Cast", [mask], "mask/cast", to=TensorProto.FLOAT)
-    mask = node("Sub", [init("one", np.array(1.0, np.float32)), mask], "mask/invert")
-    mask = node("Mul", [mask, init("neg", np.array(-10000.0, np.float32))], "mask/scale")
+    if torch_sdpa:
+        mask = node("Cast", [mask], "mask/cast", to=TensorProto.BOOL)
+        zero = init("zero", np.array([0.0], np.float32))
+        mask = node("Where", [mask, zero, init("neg_inf", np.array([-np.inf], np.float32))], "mask/where")
+    else:
+        mask = node("Cast", [mask], "mask/cast", to=TensorProto.FLOAT)
+        mask = node("Sub", [init("one", np.array(1.0, np.float32)), mask], "mask/invert")
+        mask = node("Mul", [mask, init("neg", np.array(-10000.0, np.float32))], "mask/scale")
+    if mask_heads:
+        mask = node("Expand", [mask, init("over_heads", np.array([1, HEADS, 1, 1], np.int64))], "mask/expand")
     scores = node("Add", [scores, mask], "mask/add")
     probs = node("Softmax", [scores], "softmax", axis=softmax_axis)
+    if torch_sdpa:
+        probs = node("Where", [node("IsNaN", [probs], "guard/isnan"), zero, probs], "guard/where")
+        batch_size = node("Gather", [node("Shape", [heads["q"]], "q/shape"), init("first", np.array([0], np.int64))],
+                          "q/batch", axis=0)
+        merge = node("Concat", [batch_size, init("rest", np.array([-1, HIDDEN], np.int64))], "merge_shape/concat", axis=0)
     context = node("MatMul", [probs, heads["v"]], "pv")
     context = node("Transpose", [context], "context/transpose", perm=list(perm))
     node("Reshape", [context, merge], "y")
@@ -167,6 +186,19 @@ def test_torch_exports_fuse_and_keep_outputs(fixture, blocks):
         assert_close(str(path), fused, feeds)
 
 
+def test_torch_sdpa_with_a_boolean_mask_fuses_and_keeps_fully_masked_rows_at_zero():
+    original = bert_block(torch_sdpa=True)
+    fused = fuse(original)
+    histogram = op_histogram(fused)
+    assert histogram[ATTENTION] == 1 and "IsNaN" not in histogram and "Transpose" not in histogram
+    assert "Softmax" not in histogram and histogram["Mul"] == 1  # Attention's output times keep
+    feeds = padded_feeds(3, 6)
+    feeds["mask"][1] = 0  # a batch item with no token: the guard's rows of zeros
+    want = session(original).run(None, feeds)[0]
+    assert np.all(want[1] == 0) and np.isfinite(want).all()
+    assert_close(original, fused, feeds)
+
+
 # ------------------------------------------------------------------ what stays as it was
 @pytest.mark.parametrize(
     "variant,reason",
@@ -175,6 +207,7 @@ def test_torch_exports_fuse_and_keep_outputs(fixture, blocks):
         (dict(probs_output=True), "graph output"),  # an intermediate is read outside
         (dict(softmax_axis=2), "axis 2"),
         (dict(perm=(2, 1, 0, 3)), "not [batch, heads, seq, head_dim]"),  # attention across the batch
+        (dict(torch_sdpa=True, mask_heads=True), "may differ between heads"),  # keep is per query row
     ],
 )
 def test_partial_matches_leave_the_graph_untouched(variant, reason):
