@@ -682,10 +682,13 @@ class FuseAttention(Pass):
             for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
                 if not softmax.outputs:  # removed by an earlier rewrite
                     continue
+                label = softmax.name or softmax.outputs[0].name
                 try:
                     found = match_attention(softmax, graph, model.opset())
-                except Rejected:
+                except Rejected as exc:
+                    ctx.record(**{"pass": RULE, "node": label, "op": "Softmax", "rule": f"{RULE}: not fused, {exc}"})
                     continue
+                ctx.record(**{"pass": RULE, "node": label, "op": "Softmax", "rule": f"{RULE}: fused into Attention"})
                 rewrite_attention(found, graph, ctx, model.opset(), biases)
                 changed = True
             if changed:

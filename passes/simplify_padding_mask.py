@@ -115,7 +115,7 @@ class SimplifyPaddingMask(Pass):
                     continue
                 found = prove_key_padding(cone, proto)
             except Rejected as exc:
-                ctx.record(node=_producer_name(tensor), op="mask", rule=f"{NAME}: kept, {exc}")
+                ctx.record(**{"pass": NAME, "node": _producer_name(tensor), "op": "mask", "rule": f"{NAME}: kept, {exc}"})
                 continue
             rewrite(found, graph, model.opset(), ctx)
             changed = True
@@ -376,8 +376,9 @@ def rewrite(found: KeyPaddingMask, graph: gs.Graph, opset: int, ctx: PassContext
     graph.nodes.extend(created)
     replace_all_uses(cone.output, simplified)
     remove_nodes(graph, _dead(cone.nodes, graph))
-    ctx.record(node=base, op="mask", rule=f"{NAME}: key padding mask of '{cone.mask.name}' "
-               f"({len(cone.nodes)} nodes -> {len(created)}), probed at (batch, sequence) {found.probed}")
+    ctx.record(**{"pass": NAME, "node": base, "op": "mask",
+                  "rule": f"{NAME}: key padding mask of '{cone.mask.name}' ({len(cone.nodes)} nodes -> "
+                          f"{len(created)}), probed at (batch, sequence) {found.probed}"})
 
 
 def _dead(nodes: list[gs.Node], graph: gs.Graph) -> list[gs.Node]:

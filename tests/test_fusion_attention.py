@@ -214,6 +214,8 @@ def test_partial_matches_leave_the_graph_untouched(variant, reason):
     original = bert_block(**variant)
     (name, why), = explain_attention(Model.load(original))
     assert why is not None and reason in why
+    result = optimize_model(original, passes="fuse-attention", target="cpu")
+    assert [d["rule"] for d in result.report["decisions"]] == [f"fuse-attention: not fused, {why}"]
     assert dump_model(fuse(original)) == dump_model(with_shapes(original))
 
 
