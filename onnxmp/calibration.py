@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,18 +148,31 @@ def stream_tensors(
 
     ``tensors`` are float graph inputs or node outputs of the main graph; only they become extra
     outputs, so onnxruntime hands back nothing else. Inputs are checked as in
-    :func:`collect_statistics`. The session lives until the iteration ends.
+    :func:`collect_statistics`. The session lives until the iteration ends. While the caller
+    folds one batch's arrays, onnxruntime already runs the next batch in a worker thread (it
+    releases the GIL), so at most two batches' arrays are alive at once; batches still come in
+    order, and an error on a batch is raised when that batch is reached.
     """
     specs = {s.name: s for s in input_specs(model)}
     float_inputs = [n for n, s in specs.items() if s.dtype.name in FLOAT_TYPES]
     wanted_inputs, wanted_outputs = _split_request(tensors, specs, _node_outputs(model.graph), float_inputs)
-    with _session(_with_outputs(model, wanted_outputs)) as session:
+    with _session(_with_outputs(model, wanted_outputs)) as session, ThreadPoolExecutor(1) as worker:
         fetch = _fetched_outputs(session, wanted_outputs, True)
-        for label, batch in _progress(batches, progress):
+
+        def compute(label: str, batch: Batch) -> tuple[str, dict[str, np.ndarray]]:
             _check_finite(label, batch, float_inputs)
             arrays = {n: batch[n] for n in wanted_inputs}
             arrays.update(_run(session, fetch, label, batch))
-            yield label, arrays
+            return label, arrays
+
+        pending: Future | None = None
+        for label, batch in _progress(batches, progress):
+            ahead = worker.submit(compute, label, batch)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
 
 
 def _node_outputs(graph: onnx.GraphProto) -> list[str]:

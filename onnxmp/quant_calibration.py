@@ -518,17 +518,25 @@ def _uniform_rounding_errors(counts: np.ndarray, candidates: np.ndarray, step: f
     top = 1.0 / step
     below = np.concatenate(([0.0], np.cumsum(counts)))[candidates]
     periodic = np.empty(candidates.size)
+    columns = np.arange(1, int(candidates[-1]) + 1, dtype=np.float64)  # j >= 1
+    r_buffer = np.empty(min(candidates.size, _CANDIDATE_ROWS) * columns.size)  # made once: a block's arrays are views
+    g_buffer = np.empty_like(r_buffer)
+    weights_buffer = np.empty(columns.size)
     for start in range(0, candidates.size, _CANDIDATE_ROWS):
         rows = candidates[start : start + _CANDIDATE_ROWS]
         width = int(rows[-1])
-        r = np.multiply.outer(top / rows, np.arange(1, width + 1, dtype=np.float64))  # u_j, j >= 1
-        np.minimum(r, top, out=r)
-        g = np.rint(r)
+        r = r_buffer[: rows.size * width].reshape(rows.size, width)
+        g = g_buffer[: rows.size * width].reshape(rows.size, width)
+        np.multiply((top / rows)[:, None], columns[:width], out=r)  # u_j
+        clamped = r[:, int(rows[0]) - 1 :]  # below its edge k a row stays under 1 / step: only j >= k can reach it
+        np.minimum(clamped, top, out=clamped)
+        np.rint(r, out=g)
         r -= g
         np.multiply(r, r, out=g)
         g -= 0.25
         g *= r  # 3 g(u_j)
-        weights = counts[:width].copy()
+        weights = weights_buffer[:width]
+        weights[:] = counts[:width]
         weights[:-1] -= counts[1:width]
         periodic[start : start + _CANDIDATE_ROWS] = g @ weights
     edges = candidates.astype(np.float64)

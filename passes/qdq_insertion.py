@@ -36,13 +36,16 @@ of such a tensor, which always includes 0, is empty: an all-zero tensor), ``outs
 (qlinear/move ops outside an integer region), ``opset`` (MaxPool before opset 12).
 
 Calibration: placement runs twice. First from the graph alone (``_Placement.observed_tensors``:
-every activation tensor that a node no structural rule keeps float may quantize), then
-``ctx.calibration.histograms`` observes only those tensors in one pass over the data: fixed-size
+the activation tensors expected to get a Q/DQ pair, around the nodes that no structural rule keeps
+float; not the output of a node whose Relu/Clip is expected to be absorbed, nor a graph output),
+then ``ctx.calibration.histograms`` observes only those tensors in one pass over the data: fixed-size
 ``|x|`` histograms (``histogram_bins``) merged batch by batch, so memory stays flat in the number
 of batches; cached next to the statistics, keyed by model, data, tensor list and bins (the range
 method is applied afterwards, so every method reuses them). Then placement runs on the
-parameters. NaN/Inf in the data is an error naming the batch file and input; NaN/Inf the model
-computes keeps the readers of that tensor float (rule ``non-finite``).
+parameters; should it ask for a tensor left out (an absorption the data prevents), the left-out
+tensors are observed in a second pass and placement runs again, so the result is the same as if
+every candidate tensor had been observed. NaN/Inf in the data is an error naming the batch file
+and input; NaN/Inf the model computes keeps the readers of that tensor float (rule ``non-finite``).
 
 Scales: activations get the range ``calibration_method`` picks from the histogram (minmax,
 percentile, entropy or mse, ``onnxmp.quant_calibration``; mse by default: on the benchmark models
@@ -396,13 +399,7 @@ class QdqInsertion(Pass):
         before = model.to_proto() if self.options.measure or self.options.cost_model else None
         kept_provenance = {n.name: provenance(n) for n in graph.nodes} if before is not None else {}
         float_cost = estimate_cost(graph) if self.options.cost_model else None
-        plan = _Placement(model, ctx, self)
-        observed = plan.observed_tensors()
-        try:
-            plan.stats = ctx.calibration.histograms(before or model.to_proto(), observed, self.options.histogram_bins)
-        except DataError as exc:  # the pipeline reports only PassError as a pass's own failure
-            raise PassError(f"pass '{NAME}' cannot calibrate: {exc}") from exc
-        plan.solve()
+        plan = self._placement(model, ctx, before or model.to_proto())
         if not plan.quantized:
             plan.record(ctx, None)
             return False
@@ -421,6 +418,28 @@ class QdqInsertion(Pass):
                 return False
         plan.record(ctx, None)
         return True
+
+    def _placement(self, model: Model, ctx: PassContext, proto: Any) -> "_Placement":
+        """The solved placement, calibrated on the tensors it reads. The deferred tensors (see
+        ``_Placement.observed_tensors``) are observed in a second pass over the data only when
+        the placement asked for one of them; it is then solved again on every tensor."""
+        plan = _Placement(model, ctx, self)
+        observed, deferred = plan.observed_tensors()
+        plan.stats = self._histograms(ctx, proto, observed)
+        plan.solve()
+        if not plan.unobserved.intersection(deferred):
+            return plan
+        stats = {**plan.stats, **self._histograms(ctx, proto, deferred)}
+        plan = _Placement(model, ctx, self)
+        plan.stats = stats
+        plan.solve()
+        return plan
+
+    def _histograms(self, ctx: PassContext, proto: Any, tensors: list[str]) -> dict[str, TensorHistogram]:
+        try:
+            return ctx.calibration.histograms(proto, tensors, self.options.histogram_bins)
+        except DataError as exc:  # the pipeline reports only PassError as a pass's own failure
+            raise PassError(f"pass '{NAME}' cannot calibrate: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------ placement
@@ -442,27 +461,51 @@ class _Placement:
         self.absorbed: dict[int, gs.Node] = {}  # node id -> the Relu/Clip after it that Q makes redundant
         self.params: dict[int, QuantParams] = {}  # tensor id -> activation params
         self.param_cache: dict[int, QuantParams | str] = {}
+        self.unobserved: set[str] = set()  # tensors whose parameters were asked for without statistics
 
     # -------------------------------------------------------------- rules
-    def observed_tensors(self) -> list[str]:
-        """Names of every activation tensor this placement may quantize, from the graph alone:
-        the activation inputs and the output of each node that no structural rule keeps float,
-        and the output of a Relu/Clip it may absorb. Calibration observes only these."""
-        names: dict[str, None] = {}
+    def observed_tensors(self) -> tuple[list[str], list[str]]:
+        """(observed, deferred) activation tensor names, from the graph alone.
+
+        Observed: what this placement is expected to quantize: the activation inputs of each
+        node that no structural rule keeps float, its output, and the output of a Relu/Clip it
+        may absorb. Deferred: outputs expected to get no Q/DQ pair: a graph output, an output
+        whose Relu/Clip is expected to be absorbed (the pair goes after it), and an optional
+        output (MatMul, Gemm) that no such node reads. Calibration observes only the first;
+        the second only when the placement turns out to need one of them."""
+        candidates = {}
         for node in self.graph.nodes:
             rule = self.rules.get(node.op)
             if rule is None or node.domain not in (None, "", "ai.onnx"):
                 continue
-            if self._static_reason(node, rule, statistics=False):
-                continue
+            if not self._static_reason(node, rule, statistics=False):
+                candidates[id(node)] = (node, rule)
+        observed: dict[str, None] = {}
+        deferred: dict[str, None] = {}
+        for node, rule in candidates.values():
             for index in self.data_inputs(node, rule):
                 if constant_value(node.inputs[index]) is None:
-                    names[node.inputs[index].name] = None
+                    observed[node.inputs[index].name] = None
             out = node.outputs[0]
-            names[out.name] = None
-            if len(out.outputs) == 1 and out.outputs[0].op in ABSORBABLE:
-                names[out.outputs[0].outputs[0].name] = None
-        return list(names)
+            follower = out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op in ABSORBABLE else None
+            unread = not rule.output_required and not any(id(user) in candidates for user in out.outputs)
+            if id(out) in self.outputs or unread or self._absorption_expected(rule, follower):
+                deferred[out.name] = None
+            else:
+                observed[out.name] = None
+            if follower is not None:
+                observed[follower.outputs[0].name] = None
+        return list(observed), [name for name in deferred if name not in observed]
+
+    def _absorption_expected(self, rule: OpRule, follower: gs.Node | None) -> bool:
+        """Whether ``follower`` (a Relu/Clip, the only reader of the node's output) will be
+        absorbed whatever the data: an asymmetric range of values that are never negative starts
+        at 0, which is the zero point ``_made_redundant`` asks for, when the Clip starts at 0."""
+        if follower is None or rule.kind == MOVE or self.options.activation_symmetric:
+            return False
+        if follower.op == "Relu":
+            return True
+        return _constant_clip(follower) and _clip_bounds(follower)[0] == 0.0
 
     def solve(self) -> None:
         candidates = {}
@@ -563,6 +606,8 @@ class _Placement:
     def activation(self, tensor: gs.Tensor) -> QuantParams | str:
         key = id(tensor)
         if key not in self.param_cache:
+            if tensor.name not in self.stats:
+                self.unobserved.add(tensor.name)
             self.param_cache[key] = _activation_params(
                 tensor.name, self.stats, self.owner.qtype, self.options.activation_symmetric,
                 self.options.calibration_method, self.options.percentile,
@@ -605,9 +650,9 @@ class _Placement:
         out = self.out_tensor(node)
         if rule.output_required:
             return True
-        if id(out) in self.outputs or isinstance(self.activation(out), str):
+        if id(out) in self.outputs or not any(self._reads_quantized(user, out) for user in out.outputs):
             return False
-        return any(self._reads_quantized(user, out) for user in out.outputs)
+        return not isinstance(self.activation(out), str)
 
     def _reads_quantized(self, user: gs.Node, tensor: gs.Tensor) -> bool:
         if id(user) not in self.quantized:

@@ -22,6 +22,7 @@ from onnxmp.calibration import (
     collect_statistics,
     default_cache_dir,
     model_digest,
+    stream_tensors,
 )
 from onnxmp.data import InputSpec, input_specs, load_batches, random_batches
 from onnxmp.errors import DataError
@@ -190,6 +191,21 @@ def test_non_finite_calibration_data_is_refused(tmp_path):
     model = probe_model()
     with pytest.raises(DataError, match="calibration batch 'batch_001.npz': input 'x' holds 1 NaN or Inf values"):
         collect_statistics(model, load_batches(tmp_path, input_specs(model)), progress=False)
+
+
+def test_streamed_batches_come_in_order_and_an_error_when_its_batch_is_reached(tmp_path):
+    arrays = save_probe_batches(tmp_path, count=4)
+    x = np.ones((4, 6), np.float32)
+    x[1, 2] = np.nan
+    np.savez(tmp_path / "batch_002.npz", x=x)
+    model = probe_model()
+    seen = []
+    with pytest.raises(DataError, match="calibration batch 'batch_002.npz': input 'x' holds 1 NaN"):
+        for label, streamed in stream_tensors(model, load_batches(tmp_path, input_specs(model)), ["x", "relu"], progress=False):
+            seen.append(label)
+            want = probe_reference(arrays[len(seen) - 1])
+            assert all(np.array_equal(streamed[n], want[n]) for n in ("x", "relu"))
+    assert seen == ["batch_000.npz", "batch_001.npz"]
 
 
 def test_onnxruntime_failure_names_the_batch():

@@ -243,6 +243,55 @@ def test_only_tensors_the_placement_may_quantize_are_observed(tmp_path, monkeypa
     assert set(activation_entries(result)) <= set(observed)
 
 
+def _record_observed(monkeypatch) -> list[list[str]]:
+    """The tensor lists calibration is asked to observe, one list per pass over the data."""
+    from onnxmp.calibration import Calibrator
+
+    calls: list[list[str]] = []
+    original = Calibrator.histograms
+    monkeypatch.setattr(Calibrator, "histograms", lambda self, model, tensors, bins, **kw: calls.append(list(tensors)) or original(self, model, tensors, bins, **kw))
+    return calls
+
+
+def test_outputs_before_an_absorbed_relu_are_not_observed(tmp_path, monkeypatch):
+    calls = _record_observed(monkeypatch)
+    result = quantize("cnn_bn_residual", tmp_path)
+    model = Model.load(MODELS / "cnn_bn_residual.onnx")
+    before_relu = {n.inputs[0].name for n in model.graph.nodes if n.op == "Relu"}
+    assert len(calls) == 1 and not set(calls[0]) & before_relu
+    assert any(d["rule"] == "absorbed-by-q" for d in node_decisions(result).values())
+    assert set(activation_entries(result)) <= set(calls[0])
+
+
+def _dead_relu_model() -> onnx.ModelProto:
+    """c = Conv(x) - 100 is always negative, so r = Relu(c) is all zeros: its range cannot absorb the Relu."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((0.1 * rng.standard_normal((4, 3, 3, 3))).astype(np.float32), "W")
+    b = numpy_helper.from_array(np.full(4, -100.0, np.float32), "B")
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+    ]
+    graph = helper.make_graph(nodes, "dead_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 8, 8])], [w, b])  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_a_relu_the_data_keeps_unabsorbed_has_its_input_observed_in_a_second_pass(tmp_path, monkeypatch):
+    from onnxmp.passes.qdq_insertion import _Placement
+
+    model = _dead_relu_model()
+    data = calibration_folder(tmp_path, model)
+    calls = _record_observed(monkeypatch)
+    result = optimize_model(model, passes="qdq-insertion", calibration_data=data, calibration_cache=None, verify_each=True)
+    assert calls == [["x", "r"], ["c"]]
+    assert node_decisions(result)["conv"]["precision"] == "int8" and "c" in activation_entries(result)
+    monkeypatch.setattr(_Placement, "_absorption_expected", lambda self, rule, follower: False)
+    everything = optimize_model(model, passes="qdq-insertion", calibration_data=data, calibration_cache=None, verify_each=True)
+    assert calls[2:] == [["x", "c", "r"]]  # observed up front, the result is the same
+    assert dump_model(result.model) == dump_model(everything.model)
+
+
 def test_histograms_are_cached_and_reused_by_every_method(tmp_path, monkeypatch):
     import onnxmp.quant_calibration as qc
 
