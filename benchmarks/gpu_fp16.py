@@ -526,7 +526,7 @@ def roofline(row: dict, flops: int | None, peak: tuple[str, float, float] | None
     row["tflops"] = flops / (median / 1000.0) / 1e12
     if peak is None:
         return
-    if row["variant"] != "fp32":
+    if not row["variant"].startswith("fp32"):  # fp32 and fp32-static compute in float32 (TF32)
         row["peak"], value = "fp16", peak[1]
     elif row.get("tf32"):
         row["peak"], value = "tf32", peak[2]
