@@ -84,7 +84,7 @@ def onnxmp_converter(force: bool) -> Callable[[onnx.ModelProto], tuple[onnx.Mode
     def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         with fp16.forced_lowering() if force else contextlib.nullcontext():
             result = optimize_model(model, policy)
-        rules = Counter(fp16.rule_category(d["rule"]) for d in result.report["decisions"] if d.get("pass") is None)
+        rules = Counter(fp16.rule_category(d["rule"]) for d in fp16.precision_decisions(result.report["decisions"]))
         return result.model.to_proto(), {"rules": dict(rules)}
 
     return convert

@@ -419,8 +419,9 @@ def _removable(core: list[gs.Node], match: AttentionMatch, graph: gs.Graph, anal
             for user in tensor.outputs:
                 if id(user) in dead:
                     continue
-                if _reads_shape_of_input(user, tensor, match.x, analysis):
-                    rewires.append((user, _shape_plan(tensor, match.x, analysis)))
+                plan = _shape_plan(tensor, match.x, analysis) if user.op == "Shape" and not user.attrs else None
+                if plan is not None:
+                    rewires.append((user, plan))
                     continue
                 raise Rejected(f"'{tensor.name}' inside the attention is also read by '{user.name}'")
     return core + list(candidates.values()), rewires
@@ -589,9 +590,8 @@ def _rewire_shape(shape_node: gs.Node, plan: list[tuple[str, int]], x: gs.Tensor
     source = fresh
     if statics:
         source = emit.node("Concat", [fresh, emit.const(np.array(statics, np.int64), "sizes")], axis=0)
-    rank, indices = len(x.shape), []
-    for kind, value in plan:
-        indices.append(value if kind == "axis" else rank + len([i for i in indices if i >= rank]))
+    appended = iter(range(len(x.shape), len(x.shape) + len(statics)))  # the statics' positions in source
+    indices = [value if kind == "axis" else next(appended) for kind, value in plan]
     emit.node("Gather", [source, emit.const(np.array(indices, np.int64), "axes")], [old], axis=0)
 
 
@@ -682,15 +682,16 @@ class FuseAttention(Pass):
             for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
                 if not softmax.outputs:  # removed by an earlier rewrite
                     continue
-                label = softmax.name or softmax.outputs[0].name
                 try:
                     found = match_attention(softmax, graph, model.opset())
+                    verdict = "fused into Attention"
                 except Rejected as exc:
-                    ctx.record(**{"pass": RULE, "node": label, "op": "Softmax", "rule": f"{RULE}: not fused, {exc}"})
-                    continue
-                ctx.record(**{"pass": RULE, "node": label, "op": "Softmax", "rule": f"{RULE}: fused into Attention"})
-                rewrite_attention(found, graph, ctx, model.opset(), biases)
-                changed = True
+                    found, verdict = None, f"not fused, {exc}"
+                label = softmax.name or softmax.outputs[0].name
+                ctx.record(**{"pass": RULE, "node": label, "op": "Softmax", "rule": f"{RULE}: {verdict}"})
+                if found is not None:
+                    rewrite_attention(found, graph, ctx, model.opset(), biases)
+                    changed = True
             if changed:
                 toposort(graph)
         if changed:

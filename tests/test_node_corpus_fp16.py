@@ -211,6 +211,11 @@ def rule_category(rule: str) -> str:
     return rule.split(":", 1)[0].strip()
 
 
+def precision_decisions(decisions: list[dict]) -> list[dict]:
+    """The precision pass's decisions; those with a "pass" are fusions' notes (fused or why not)."""
+    return [d for d in decisions if d.get("pass") is None]
+
+
 def _has_float16(model: onnx.ModelProto) -> bool:
     graph = model.graph
     f16 = onnx.TensorProto.FLOAT16
@@ -247,7 +252,7 @@ def evaluate_case(case: CorpusCase, policy: Any = None, reference: bool = True, 
     if names != case.output_names:
         outcome.error = f"output names changed: {case.output_names} -> {names}"
         return outcome
-    decisions = [d for d in decisions if d.get("pass") is None]  # the rest are fusions' notes (fused or why not)
+    decisions = precision_decisions(decisions)
     for decision in decisions:
         if not DECISION_KEYS <= set(decision) or not decision["rule"] or decision["precision"] not in ("float16", "float32"):
             outcome.error = f"a decision without a node, op, precision and rule: {decision}"
