@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import gc
 import json
 import os
@@ -14,6 +16,7 @@ from typing import Any, Callable, Iterator
 import onnx
 
 from onnxmp.errors import ModelSaveError
+from onnxmp.fallback import Attempt, FallbackSettings, accuracy_fallback, quantized_nodes
 from onnxmp.ir import Model, iter_graphs, write_text_atomic
 from onnxmp.pass_manager import PassContext, PassRecord, Pipeline
 from onnxmp.policy import Policy, load_policy, preset_names
@@ -47,7 +50,9 @@ def optimize_model(
     A given ``Model`` is changed in place. Calibration data (argument or the policy's
     ``calibration`` section) feeds range statistics to the passes. When the policy has a
     ``validation`` section or ``validation_data`` is given, the result is compared with the
-    original and a failed gate raises ValidationError.
+    original and a failed gate raises ValidationError. With ``validation.fallback`` a quantized
+    model that fails is tried again with its costliest nodes float (``onnxmp.fallback``); the
+    result's model is then the one that passed, a new Model.
     """
     from onnxmp import __version__
 
@@ -59,15 +64,26 @@ def optimize_model(
     gates = _validation_gates(policy, validation_data)
     original = (model.source or model.to_proto()) if gates is not None else None
     ops_before = op_histogram(model)
+    calibration = _calibrator(model, policy, calibration_data, calibration_cache, progress)
     ctx = PassContext(target=policy.target)
-    ctx.calibration = _calibrator(model, policy, calibration_data, calibration_cache, progress)
+    ctx.calibration = calibration
     records = pipeline.run(model, ctx)
+    validation, fallback = None, None
+    if gates is not None:
+        check = _Validation(original, model, policy, gates, validation_data, calibration)
+        validation = check.run(model)
+        wanted = FallbackSettings.from_section(policy.data.get("validation"))
+        if not validation.passed and wanted is not None and check.real_data and quantized_nodes(ctx.decisions):
+            first = Attempt((), validation, quantized_nodes(ctx.decisions), (model, ctx, records))
+            rerun = functools.partial(_attempt, original, pipeline, policy.target, calibration, check)
+            best, fallback = accuracy_fallback(first, rerun, wanted, _printer() if progress else None)
+            (model, ctx, records), validation = best.result, best.validation
     policy_id = policy.name if policy.name in preset_names() else f"sha256:{policy.digest}"
     model.metadata["onnxmp.version"] = __version__
     model.metadata["onnxmp.policy"] = policy_id
     model.metadata["onnxmp.pipeline"] = str(pipeline)
-    if ctx.calibration is not None:
-        model.metadata["onnxmp.calibration"] = ctx.calibration.digest
+    if calibration is not None:
+        model.metadata["onnxmp.calibration"] = calibration.digest
     report = {
         "onnxmp_version": __version__,
         "policy": {"name": policy.name, "id": policy_id, "target": policy.target},
@@ -77,14 +93,40 @@ def optimize_model(
         "ops_before": ops_before,
         "ops_after": op_histogram(model),
         "casts": {"before": ops_before.get("Cast", 0), "after": op_histogram(model).get("Cast", 0)},
-        "calibration": None if ctx.calibration is None else {"data": ctx.calibration.batches.description, "digest": ctx.calibration.digest},
+        "calibration": None if calibration is None else {"data": calibration.batches.description, "digest": calibration.digest},
         "decisions": ctx.decisions,
     }
-    if gates is not None:
-        validation = _validate(original, model, policy, gates, validation_data, ctx.calibration)
+    if fallback is not None:
+        report["fallback"] = fallback
+    if validation is not None:
         report["validation"] = validation.to_dict()
         validation.raise_if_failed()
     return OptimizeResult(model, report)
+
+
+def _attempt(original: Any, pipeline: Pipeline, target: str, calibration: Any, check: "_Validation",
+             kept: tuple[str, ...]) -> Attempt:  # fmt: skip
+    """The pipeline rerun from the original with the ``kept`` nodes float in qdq-insertion, validated."""
+    model = Model.load(original)
+    ctx = PassContext(target=target)
+    ctx.calibration = calibration
+    passes = [_keeping(p, kept) for p in pipeline.passes]
+    records = Pipeline(passes, verify_each=pipeline.verify_each, verifier=pipeline.verifier).run(model, ctx)
+    return Attempt(kept, check.run(model), quantized_nodes(ctx.decisions), (model, ctx, records))
+
+
+def _printer() -> Callable[[str], None]:
+    from rich.console import Console
+
+    return Console(stderr=True).print
+
+
+def _keeping(pass_: Any, kept: tuple[str, ...]) -> Any:
+    """``pass_``, or for qdq-insertion a copy that also keeps the ``kept`` nodes float."""
+    if pass_.name != "qdq-insertion":
+        return pass_
+    names = [*pass_.options.keep_node_names, *(n for n in kept if n not in pass_.options.keep_node_names)]
+    return type(pass_)(dataclasses.replace(pass_.options, keep_node_names=names))
 
 
 def _calibrator(model: Model, policy: Policy, data: Any, cache: Any, progress: bool):
@@ -112,35 +154,50 @@ def _validation_gates(policy: Policy, data: Any):
     return gates_from_policy(section or {})
 
 
-def _validate(original: Any, model: Model, policy: Policy, gates: Any, data: Any, calibration: Any):
-    """Compare the candidate with the original on validation data (or, failing that,
-    calibration data; or, failing both, random inputs, which the report says)."""
-    from onnxmp.data import input_specs, load_batches, random_batches
-    from onnxmp.runtime import PROVIDERS
-    from onnxmp.validate import top1_specs, validate
+class _Validation:
+    """Validation of candidates against the original on validation data (or, failing that,
+    calibration data; or, failing both, random inputs, which the report says). The original's
+    outputs are computed once, however many candidates are checked."""
 
-    section = policy.data.get("validation", {})
-    path = Path(data) if data is not None else policy.section_path("validation")
-    specs = input_specs(model)
-    if path is not None:
-        batches = load_batches(path, specs)
-    elif calibration is not None:
-        batches = calibration.batches
-    else:
-        batches = random_batches(specs, count=4, batch_size=2)
-    runtime = section.get("runtime", "auto")
-    providers = ("reference",) if runtime == "reference" else _validation_providers(policy.target, PROVIDERS)
-    report = validate(original, model.to_proto(), batches, gates, providers, max_batches=section.get("batches"),
-                      top1=top1_specs(section))  # fmt: skip
-    if path is None and calibration is None:
-        report.notes.append("validated on random inputs (no validation or calibration data): a smoke test only")
-    if runtime == "auto" and providers == (PROVIDERS["cpu"],) and policy.target != "cpu":
-        report.notes.append(
-            f"validated on onnxruntime's CPU provider, not on the {policy.target} target: it computes float16 "
-            "ops in float32, so overflow in float16 would not show; validate on the target, or set "
-            "validation.runtime to 'reference' for exact float16 arithmetic"
-        )
-    return report
+    def __init__(self, original: Any, model: Model, policy: Policy, gates: Any, data: Any, calibration: Any):
+        from onnxmp.data import input_specs, load_batches, random_batches
+        from onnxmp.runtime import PROVIDERS
+        from onnxmp.validate import top1_specs
+
+        section = policy.data.get("validation", {})
+        path = Path(data) if data is not None else policy.section_path("validation")
+        specs = input_specs(model)
+        if path is not None:
+            self.batches = load_batches(path, specs)
+        elif calibration is not None:
+            self.batches = calibration.batches
+        else:
+            self.batches = random_batches(specs, count=4, batch_size=2)
+        self.real_data = path is not None or calibration is not None
+        runtime = section.get("runtime", "auto")
+        self.providers = ("reference",) if runtime == "reference" else _validation_providers(policy.target, PROVIDERS)
+        self.gates, self.max_batches, self.top1 = gates, section.get("batches"), top1_specs(section)
+        self.original = original
+        self.notes = []
+        if not self.real_data:
+            self.notes.append("validated on random inputs (no validation or calibration data): a smoke test only")
+        if runtime == "auto" and self.providers == (PROVIDERS["cpu"],) and policy.target != "cpu":
+            self.notes.append(
+                f"validated on onnxruntime's CPU provider, not on the {policy.target} target: it computes float16 "
+                "ops in float32, so overflow in float16 would not show; validate on the target, or set "
+                "validation.runtime to 'reference' for exact float16 arithmetic"
+            )
+        self._recorded = None
+
+    def run(self, model: Model) -> Any:
+        from onnxmp.validate import RecordedOutputs, validate
+
+        if self._recorded is None:
+            self._recorded = RecordedOutputs(self.original, self.batches, self.providers, self.max_batches)
+        report = validate(self._recorded, model.to_proto(), self.batches, self.gates, self.providers,
+                          max_batches=self.max_batches, top1=self.top1)  # fmt: skip
+        report.notes.extend(self.notes)
+        return report
 
 
 def _validation_providers(target: str, names: dict[str, str]) -> tuple[str, ...]:

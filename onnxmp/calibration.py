@@ -396,6 +396,7 @@ class Calibrator:
         self.batches = batches
         self.cache = StatisticsCache(cache_dir) if cache_dir is not None else None
         self.progress = progress
+        self._histograms: dict[tuple[str, int, str], dict[str, Any]] = {}  # (model digest, bins, nonfinite) -> by tensor
 
     @property
     def digest(self) -> str:
@@ -415,9 +416,14 @@ class Calibrator:
 
     def histograms(self, model: onnx.ModelProto, tensors: list[str], bins: int, nonfinite: str = "count") -> dict[str, Any]:
         """|x| histograms of ``tensors`` of ``model`` (see :func:`onnxmp.quant_calibration.collect_histograms`),
-        cached next to the statistics."""
+        cached next to the statistics, and kept in memory: a later call on the same model (the
+        accuracy fallback reruns the pipeline) observes only the tensors not seen yet."""
         from onnxmp.quant_calibration import collect_histograms
 
-        folder = self.cache.folder if self.cache is not None else None
-        return collect_histograms(model, self.batches, tensors, bins, self.progress, folder, nonfinite)
+        seen = self._histograms.setdefault((model_digest(model), bins, nonfinite), {})
+        missing = [name for name in dict.fromkeys(tensors) if name not in seen]
+        if missing:
+            folder = self.cache.folder if self.cache is not None else None
+            seen.update(collect_histograms(model, self.batches, missing, bins, self.progress, folder, nonfinite))
+        return {name: seen[name] for name in dict.fromkeys(tensors)}
 

@@ -85,6 +85,9 @@ def optimize_command(input_model, output_model, policy, target, passes, calibrat
     )
     if not quiet:
         _print_pass_table(result.report)
+        if "fallback" in result.report:
+            kept = result.report["fallback"]["kept_float"]
+            console.print(f"accuracy fallback: kept {len(kept)} quantized node(s) float: {', '.join(kept)}")
         if "validation" in result.report:
             _print_validation(result.report["validation"])
         console.print(f"wrote {output_model} and {report_path}")

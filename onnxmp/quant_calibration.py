@@ -89,6 +89,7 @@ class TensorHistogram:
         self.max = -math.inf
         self.nonfinite = 0
         self.nonfinite_batch: str | None = None
+        self.params: dict[tuple, "QuantParams"] = {}  # by (method, symmetric, dtype, percentile); update() clears it
 
     @property
     def width(self) -> float:
@@ -104,6 +105,7 @@ class TensorHistogram:
         flat = np.asarray(values, dtype=np.float32).reshape(-1)
         if flat.size == 0:
             return
+        self.params.clear()
         low, high = float(flat.min()), float(flat.max())
         if not (math.isfinite(low) and math.isfinite(high)):
             if nonfinite != "count":
@@ -596,6 +598,17 @@ def _check_options(method: str, dtype: str, symmetric: bool, percentile: float) 
 
 
 def _tensor_params(
+    histogram: TensorHistogram, method: str, symmetric: bool, dtype: str, percentile: float
+) -> QuantParams:
+    """The parameters, computed once per histogram and options: placement asks for a tensor's
+    several times, and the accuracy fallback reruns placement on the same histograms."""
+    key = (method, symmetric, dtype, percentile)
+    if key not in histogram.params:
+        histogram.params[key] = _compute_params(histogram, method, symmetric, dtype, percentile)
+    return histogram.params[key]
+
+
+def _compute_params(
     histogram: TensorHistogram, method: str, symmetric: bool, dtype: str, percentile: float
 ) -> QuantParams:
     threshold = _threshold(histogram, method, dtype, symmetric, percentile)

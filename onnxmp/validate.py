@@ -52,6 +52,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxmp.errors import DataError, ModelLoadError, PolicyError, ValidationError, VerificationError
+from onnxmp.fallback import FALLBACK_SCHEMA
 from onnxmp.ir import computes_float16
 
 TINY = 1e-30  # floor of ||original||_2 in the relative L2 error
@@ -122,6 +123,7 @@ VALIDATION_SCHEMA: dict[str, Any] = {
                 "(slow; faithful float16/bfloat16 numerics where onnxruntime's CPU provider computes in float32)"
             ),
         },
+        "fallback": FALLBACK_SCHEMA,
         "top1": {
             "type": "object",
             "description": "per output: where its class scores are, for top-1 agreement (default: the last axis of [N, C] and [N, T, C] outputs)",
@@ -484,7 +486,7 @@ class ValidationReport:
         """Raise ValidationError listing every failure and what to do about it."""
         if self.passed:
             return
-        lines = "\n".join(f"  {line}" for line in self.failures)
+        lines = "\n".join([f"  {line}" for line in self.failures] + [f"note: {note}" for note in self.notes])
         raise ValidationError(
             f"the candidate failed {len(self.failures)} accuracy check(s) on {self.batches} batch(es):\n"
             f"{lines}\n{failure_hint(self)}"
@@ -496,7 +498,8 @@ def failure_hint(report: ValidationReport) -> str:
     hint = (
         "To accept the difference, loosen the gate in the policy's \"validation\" section "
         "(validation.gates, or per output under validation.gates.outputs.<name>); to make the candidate "
-        "more accurate, keep more ops in FP32 with the precision pass's keep_op_types / keep_node_patterns options."
+        "more accurate, keep more ops in float with the keep_op_types / keep_node_patterns options of the precision "
+        "or qdq-insertion pass, or, for a quantized model, let validation.fallback find the nodes to keep."
     )
     if any(m.nonfinite_count for m in report.outputs.values()):
         hint += (
@@ -656,6 +659,23 @@ class _Runner:
         return dict(zip(self.output_names, values))
 
 
+class RecordedOutputs:
+    """The original model's outputs on every batch, run once and kept in memory, to validate
+    many candidates against one original (the accuracy fallback does). Pass it to
+    :func:`validate` as ``original`` with the same batches."""
+
+    role = "original"
+
+    def __init__(self, original: Any, batches: Iterable[Mapping[str, Any]], providers: tuple[str, ...] | list[str],
+                 max_batches: int | None = None):  # fmt: skip
+        runner = _Runner(original, "original", providers)
+        self.inputs, self.output_names, self.note = runner.inputs, runner.output_names, runner.note
+        self.values = [runner.run(batch, index) for index, batch in enumerate(itertools.islice(batches, max_batches))]
+
+    def run(self, batch: Mapping[str, Any], index: int) -> dict[str, Any]:
+        return self.values[index]
+
+
 REFERENCE = "reference"  # a provider name meaning onnx's reference evaluator
 
 
@@ -809,13 +829,14 @@ def validate(
     ``top1`` says per output where its class scores are (:class:`Top1Spec`, e.g. from
     :func:`top1_specs` of a policy's validation section); other outputs follow the default rule.
 
-    ``original`` and ``candidate`` are ModelProtos, onnxmp Models or paths; ``batches`` is any
+    ``original`` and ``candidate`` are ModelProtos, onnxmp Models or paths (``original`` may also be
+    :class:`RecordedOutputs` of the same batches); ``batches`` is any
     iterable of ``{input name: array}`` dicts (e.g. an ``onnxmp.data`` BatchSource). Returns the
     report; call :meth:`ValidationReport.raise_if_failed` to turn failures into an error.
     """
     gates = gates if gates is not None else Gates()
     providers = tuple(providers)
-    first = _Runner(original, "original", providers)
+    first = original if isinstance(original, RecordedOutputs) else _Runner(original, "original", providers)
     second = _Runner(candidate, "candidate", providers)
     _same_outputs(first.output_names, second.output_names)
     extra_inputs = [n for n in second.inputs if n not in first.inputs]

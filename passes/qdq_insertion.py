@@ -28,7 +28,7 @@ every run, and a Q/DQ round trip per tensor):
   model is right whether or not it is fused.
 
 A node stays float and the report names the rule: ``keep-op-type``, ``keep-node-pattern``,
-``not-float32``, ``dynamic-weight`` / ``dynamic-bias``, ``bias-shape``, ``activation-matmul``
+``keep-node-name``, ``not-float32``, ``dynamic-weight`` / ``dynamic-bias``, ``bias-shape``, ``activation-matmul``
 (both MatMul inputs computed, with ``quantize_activation_matmul`` off), ``graph-output`` (its
 quantized output would be a graph output, which onnxruntime does not fuse), ``no-statistics``,
 ``non-finite`` (calibration saw NaN/Inf in a tensor it would quantize), ``zero-range`` (the range
@@ -192,6 +192,8 @@ def kept_by_user(node: gs.Node, owner: "QdqInsertion") -> str:
         return "subgraph"
     if node.op in owner.options.keep_op_types:
         return "keep-op-type"
+    if node.name in owner.options.keep_node_names:
+        return "keep-node-name"
     for pattern in owner.patterns:
         if pattern.search(node.name or ""):
             return f"keep-node-pattern: {pattern.pattern}"
@@ -320,6 +322,10 @@ class QdqInsertionOptions:
     keep_op_types: list[str] = field(default_factory=list, metadata={"help": "op types that stay float"})
     keep_node_patterns: list[str] = field(
         default_factory=list, metadata={"help": "regular expressions; matching node names stay float"}
+    )
+    keep_node_names: list[str] = field(
+        default_factory=list,
+        metadata={"help": "exact node names that stay float (what validation.fallback adds; no regular-expression escaping needed)"},
     )
     measure: bool = field(
         default=False,
