@@ -334,9 +334,11 @@ def _field_chunks(value: Any) -> Iterator[bytes]:
             yield from _field_chunks(item)
 
 
-def cache_key(model: onnx.ModelProto, data_digest: str, tensors: list[str] | None) -> str:
-    """The cache key of statistics of ``tensors`` (None: the default set) of ``model`` on data."""
-    text = json.dumps([CACHE_VERSION, model_digest(model), data_digest, tensors], separators=(",", ":"))
+def cache_key(model: onnx.ModelProto, data_digest: str, tensors: list[str] | None, digest: str | None = None) -> str:
+    """The cache key of statistics of ``tensors`` (None: the default set) of ``model`` on data;
+    ``digest``: the model's :func:`model_digest` when the caller has it (hashing a large model
+    takes a while)."""
+    text = json.dumps([CACHE_VERSION, digest or model_digest(model), data_digest, tensors], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -420,10 +422,11 @@ class Calibrator:
         accuracy fallback reruns the pipeline) observes only the tensors not seen yet."""
         from onnxmp.quant_calibration import collect_histograms
 
-        seen = self._histograms.setdefault((model_digest(model), bins, nonfinite), {})
+        digest = model_digest(model)
+        seen = self._histograms.setdefault((digest, bins, nonfinite), {})
         missing = [name for name in dict.fromkeys(tensors) if name not in seen]
         if missing:
             folder = self.cache.folder if self.cache is not None else None
-            seen.update(collect_histograms(model, self.batches, missing, bins, self.progress, folder, nonfinite))
+            seen.update(collect_histograms(model, self.batches, missing, bins, self.progress, folder, nonfinite, digest))
         return {name: seen[name] for name in dict.fromkeys(tensors)}
 

@@ -230,6 +230,7 @@ def collect_histograms(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = None,
     nonfinite: str = "raise",
+    digest: str | None = None,
 ) -> dict[str, TensorHistogram]:
     """Histograms of ``tensors`` (graph inputs or node outputs) of ``model`` over every batch.
 
@@ -241,7 +242,7 @@ def collect_histograms(
     ``histograms-<bins>-<key>.json`` there, keyed by the model's graph, the data, the tensors and
     ``nonfinite``, as :class:`onnxmp.calibration.Calibrator` keys its statistics. The range
     method is not part of the key: it is applied to the histograms afterwards, so every method
-    reuses the same cached histograms.
+    reuses the same cached histograms. ``digest``: the model's ``model_digest``, when known.
     """
     names = list(dict.fromkeys(tensors))
     _check_bins(bins)
@@ -249,7 +250,7 @@ def collect_histograms(
         raise OnnxmpError(f"nonfinite must be 'raise' or 'count', not {nonfinite!r}")
     path = None
     if cache_dir is not None:
-        key = cache_key(model, f"{batches.digest};nonfinite={nonfinite}", sorted(names))
+        key = cache_key(model, f"{batches.digest};nonfinite={nonfinite}", sorted(names), digest)
         path = Path(cache_dir) / f"histograms-{bins}-{key}.json"
         cached = _read_cache(path)
         if cached is not None:
