@@ -153,7 +153,8 @@ def accuracy_fallback(
     report: dict[str, Any] = {
         "max_layers": settings.max_layers,
         "baseline": _summary(first),
-        "ranking": [{"node": node, **_summary(trial)} for node, trial in sorted(trials, key=lambda t: t[1].score)],
+        "ranking": [{"node": node, **_summary(trial)} for node, trial in ranked],
+        "not_ranked": [node for node, trial in trials if not trial.quantized],  # float alone, INT8 no longer pays
         "steps": [],
         "kept_float": [],
         "passed": False,

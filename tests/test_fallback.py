@@ -15,7 +15,7 @@ from onnxmp.api import optimize, optimize_model
 from onnxmp.calibration import Calibrator
 from onnxmp.data import input_specs, load_batches
 from onnxmp.errors import PolicyError, ValidationError
-from onnxmp.fallback import gate_score
+from onnxmp.fallback import Attempt, FallbackSettings, accuracy_fallback, gate_score
 from onnxmp.ir import Model
 from onnxmp.quant_calibration import TensorHistogram, quantization_params
 from onnxmp.validate import Gates, OutputMetrics, ValidationReport
@@ -71,7 +71,7 @@ def test_the_costliest_node_goes_float_and_the_gate_passes(data, baseline_error)
 def test_nodes_go_float_in_ranked_order_one_more_per_step(data, baseline_error):
     result = optimize_model(MODEL, policy({"max_rel_l2_error": 0.3 * baseline_error}), calibration_data=data)
     fallback = result.report["fallback"]
-    order = [r["node"] for r in fallback["ranking"] if r["quantized_nodes"]]
+    order = [r["node"] for r in fallback["ranking"]]
     for count, step in enumerate(fallback["steps"], start=1):
         assert step["kept_float"] == order[:count]
     assert len(fallback["steps"]) >= 2
@@ -152,3 +152,36 @@ def test_parameters_are_computed_once_per_histogram_until_it_changes():
     assert quantization_params({"x": histogram}, "mse")["x"] is first
     histogram.update(np.array([4.0], np.float32), "b1")
     assert quantization_params({"x": histogram}, "mse")["x"].threshold > first.threshold
+
+
+def _attempt(kept: tuple[str, ...], error: float, quantized: list[str]) -> Attempt:
+    gates = Gates(max_abs_error=1.0)
+    report = _report(gates, max_abs_error=error)
+    if error > 1.0:
+        report.failures.append(f"max abs error {error}")
+    return Attempt(kept, report, quantized, result=kept)
+
+
+def test_a_trial_that_leaves_nothing_quantized_is_not_ranked_and_nodes_accumulate():
+    first = _attempt((), 2.0, ["a", "b", "c"])
+    errors = {("a",): 0.1, ("b",): 1.5, ("c",): 1.2, ("c", "b"): 0.9}
+    calls = []
+
+    def attempt(kept):
+        calls.append(kept)
+        quantized = [] if kept == ("a",) else [n for n in first.quantized if n not in kept]  # without a: float
+        return _attempt(kept, errors[kept], quantized)
+
+    best, report = accuracy_fallback(first, attempt, FallbackSettings(max_layers=3))
+    assert [r["node"] for r in report["ranking"]] == ["c", "b"] and report["not_ranked"] == ["a"]
+    assert calls == [("a",), ("b",), ("c",), ("c",), ("c", "b")]
+    assert best.kept == ("c", "b") and best.result == ("c", "b") and report["passed"]
+    assert [step["kept_float"] for step in report["steps"]] == [["c"], ["c", "b"]]
+
+
+def test_the_search_stops_at_max_layers_with_the_last_attempt():
+    first = _attempt((), 2.0, ["a", "b"])
+    best, report = accuracy_fallback(first, lambda kept: _attempt(kept, 1.5, ["x"]), FallbackSettings(max_layers=1))
+    assert best.kept == ("a",) and not report["passed"]
+    assert "kept 1 of 2 quantized nodes float" in report["note"]
+    assert report["note"] in best.validation.notes
