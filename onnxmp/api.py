@@ -74,10 +74,10 @@ def optimize_model(
         validation = check.run(model)
         wanted = FallbackSettings.from_section(policy.data.get("validation"))
         if not validation.passed and wanted is not None and check.real_data and quantized_nodes(ctx.decisions):
-            first = Attempt((), validation, quantized_nodes(ctx.decisions), (model, ctx, records))
+            first = Attempt((), validation, quantized_nodes(ctx.decisions), (model, ctx, records, pipeline))
             rerun = functools.partial(_attempt, original, pipeline, policy.target, calibration, check)
-            best, fallback = accuracy_fallback(first, rerun, wanted, _printer() if progress else None)
-            (model, ctx, records), validation = best.result, best.validation
+            best, fallback = accuracy_fallback(first, rerun, wanted, progress)
+            (model, ctx, records, pipeline), validation = best.result, best.validation
     policy_id = policy.name if policy.name in preset_names() else f"sha256:{policy.digest}"
     model.metadata["onnxmp.version"] = __version__
     model.metadata["onnxmp.policy"] = policy_id
@@ -110,15 +110,9 @@ def _attempt(original: Any, pipeline: Pipeline, target: str, calibration: Any, c
     model = Model.load(original)
     ctx = PassContext(target=target)
     ctx.calibration = calibration
-    passes = [_keeping(p, kept) for p in pipeline.passes]
-    records = Pipeline(passes, verify_each=pipeline.verify_each, verifier=pipeline.verifier).run(model, ctx)
-    return Attempt(kept, check.run(model), quantized_nodes(ctx.decisions), (model, ctx, records))
-
-
-def _printer() -> Callable[[str], None]:
-    from rich.console import Console
-
-    return Console(stderr=True).print
+    rerun = Pipeline([_keeping(p, kept) for p in pipeline.passes], verify_each=pipeline.verify_each, verifier=pipeline.verifier)
+    records = rerun.run(model, ctx)
+    return Attempt(kept, check.run(model), quantized_nodes(ctx.decisions), (model, ctx, records, rerun))
 
 
 def _keeping(pass_: Any, kept: tuple[str, ...]) -> Any:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 if TYPE_CHECKING:  # onnxmp.validate reads this module's schema
     from onnxmp.validate import ValidationReport
@@ -136,16 +136,16 @@ def accuracy_fallback(
     first: Attempt,
     attempt: Callable[[tuple[str, ...]], Attempt],
     settings: FallbackSettings,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> tuple[Attempt, dict[str, Any]]:
     """The first attempt that passes (or the last one tried) and the report of the search.
 
     ``first`` is the failed attempt; ``attempt(kept)`` reruns the pipeline with ``kept`` float.
+    ``progress``: a progress bar while ranking and a line per step, on stderr.
     """
-    say = progress or (lambda message: None)
+    say = _printer() if progress else (lambda message: None)
     trials = []
-    for index, node in enumerate(first.quantized):
-        say(f"fallback: trying node {index + 1} of {len(first.quantized)} in float ({node})")
+    for node in _track(first.quantized, progress):
         trial = attempt((node,))
         trial.result = None  # only its score is needed: do not hold a model per node
         trials.append((node, trial))
@@ -163,7 +163,7 @@ def accuracy_fallback(
     for count in range(1, min(settings.max_layers, len(ranked)) + 1):
         kept = tuple(node for node, _ in ranked[:count])
         current = attempt(kept)
-        say(f"fallback: {count} node(s) float: {'passed' if current.validation.passed else 'failed'}")
+        say(f"accuracy fallback: {count} node(s) float: {'passed' if current.validation.passed else 'failed'}")
         report["steps"].append({"kept_float": list(kept), **_summary(current)})
         best = current
         if current.validation.passed:
@@ -179,6 +179,22 @@ def accuracy_fallback(
         )
         best.validation.notes.append(report["note"])
     return best, report
+
+
+def _track(nodes: list[str], show: bool) -> Iterable[str]:
+    if not show:
+        return nodes
+    from rich.console import Console
+    from rich.progress import track
+
+    description = "accuracy fallback: each quantized node float in turn"
+    return track(nodes, description=description, console=Console(stderr=True), transient=True)
+
+
+def _printer() -> Callable[[str], None]:
+    from rich.console import Console
+
+    return Console(stderr=True).print
 
 
 def _summary(attempt: Attempt) -> dict[str, Any]:

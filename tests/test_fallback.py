@@ -66,6 +66,8 @@ def test_the_costliest_node_goes_float_and_the_gate_passes(data, baseline_error)
     assert sum(rule == "quantized" for rule in rules.values()) == fallback["steps"][-1]["quantized_nodes"] > 0
     error = result.report["validation"]["outputs"]["logits"]["rel_l2_error"]
     assert error <= 0.8 * baseline_error
+    kept = f"keep_node_names=[{ranking[0]['node']}]"  # the pipeline recorded is the one that made the model
+    assert kept in result.report["pipeline"] and kept in result.model.metadata["onnxmp.pipeline"]
 
 
 def test_nodes_go_float_in_ranked_order_one_more_per_step(data, baseline_error):
