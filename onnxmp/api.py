@@ -73,8 +73,9 @@ def optimize_model(
         check = _Validation(original, model, policy, gates, validation_data, calibration)
         validation = check.run(model)
         wanted = FallbackSettings.from_section(policy.data.get("validation"))
-        if not validation.passed and wanted is not None and check.real_data and quantized_nodes(ctx.decisions):
-            first = Attempt((), validation, quantized_nodes(ctx.decisions), (model, ctx, records, pipeline))
+        quantized = quantized_nodes(ctx.decisions)
+        if not validation.passed and wanted is not None and check.real_data and quantized:
+            first = Attempt((), validation, quantized, (model, ctx, records, pipeline))
             rerun = functools.partial(_attempt, original, pipeline, policy.target, calibration, check)
             best, fallback = accuracy_fallback(first, rerun, wanted, progress)
             (model, ctx, records, pipeline), validation = best.result, best.validation
@@ -116,11 +117,11 @@ def _attempt(original: Any, pipeline: Pipeline, target: str, calibration: Any, c
 
 
 def _keeping(pass_: Any, kept: tuple[str, ...]) -> Any:
-    """``pass_``, or for qdq-insertion a copy that also keeps the ``kept`` nodes float."""
+    """``pass_``, or for qdq-insertion a copy that also keeps the ``kept`` nodes float (they were
+    quantized, so none of them is in its keep_node_names already)."""
     if pass_.name != "qdq-insertion":
         return pass_
-    names = [*pass_.options.keep_node_names, *(n for n in kept if n not in pass_.options.keep_node_names)]
-    return type(pass_)(dataclasses.replace(pass_.options, keep_node_names=names))
+    return type(pass_)(dataclasses.replace(pass_.options, keep_node_names=[*pass_.options.keep_node_names, *kept]))
 
 
 def _calibrator(model: Model, policy: Policy, data: Any, cache: Any, progress: bool):
