@@ -122,6 +122,7 @@ class OpRule:
     data_inputs: tuple[int, ...] | None = (0,)  # None: every input (Concat, Add, Mul)
     output_required: bool = True
     min_opset: int = 10
+    multi_output: bool = False  # Split: a move op with a Q/DQ pair on every output
 
 
 # onnxruntime 1.31 CPU provider, qdq_selector_action_transformer.cc:
@@ -130,7 +131,8 @@ class OpRule:
 #   Add/Mul -> QLinearAdd/QLinearMul ("2DQ"); AveragePool, GlobalAveragePool, LeakyRelu, Sigmoid,
 #   Softmax -> QLinear* ("1DQ"); Concat -> QLinearConcat ("*DQ"); MaxPool (opset >= 12, positive
 #   scale), Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Gather, Expand, Tile, Resize:
-#   DQ and Q dropped when both carry the same scale and zero point ("drop").
+#   DQ and Q dropped when both carry the same scale and zero point ("drop"); Split: the same with a
+#   Q on every output ("dropSplitQDQ", SplitSelector with equal quantization parameters).
 CPU_OPS: dict[str, OpRule] = {
     "Conv": OpRule(ANCHOR),
     "MatMul": OpRule(ANCHOR, (0, 1), output_required=False),
@@ -154,6 +156,7 @@ CPU_OPS: dict[str, OpRule] = {
     "Expand": OpRule(MOVE),
     "Tile": OpRule(MOVE),
     "Resize": OpRule(MOVE),
+    "Split": OpRule(MOVE, multi_output=True),
 }
 TARGET_OPS = {"cpu": CPU_OPS}
 TENSORRT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")  # placement: passes/qdq_tensorrt.py
@@ -492,15 +495,15 @@ class _Placement:
             for index in self.data_inputs(node, rule):
                 if constant_value(node.inputs[index]) is None:
                     observed[node.inputs[index].name] = None
-            out = node.outputs[0]
-            follower = out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op in ABSORBABLE else None
-            unread = not rule.output_required and not any(id(user) in candidates for user in out.outputs)
-            if id(out) in self.outputs or unread or self._absorption_expected(rule, follower):
-                deferred[out.name] = None
-            else:
-                observed[out.name] = None
-            if follower is not None:
-                observed[follower.outputs[0].name] = None
+            for out in _outputs(node):
+                follower = out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op in ABSORBABLE else None
+                unread = not rule.output_required and not any(id(user) in candidates for user in out.outputs)
+                if id(out) in self.outputs or unread or self._absorption_expected(rule, follower):
+                    deferred[out.name] = None
+                else:
+                    observed[out.name] = None
+                if follower is not None:
+                    observed[follower.outputs[0].name] = None
         return list(observed), [name for name in deferred if name not in observed]
 
     def _absorption_expected(self, rule: OpRule, follower: gs.Node | None) -> bool:
@@ -547,9 +550,9 @@ class _Placement:
             return kept
         if self.model.opset() < rule.min_opset:
             return f"opset: onnxruntime fuses {node.op} in 8 bits from opset {rule.min_opset}"
-        outputs = [t for t in node.outputs if not is_omitted(t)]
-        if len(outputs) != 1 or elem_type(outputs[0]) != FLOAT32:
-            return "not-float32: the node must have one float32 output"
+        outputs = _outputs(node)
+        if not outputs or (len(outputs) > 1 and not rule.multi_output) or any(elem_type(t) != FLOAT32 for t in outputs):
+            return f"not-float32: the node must have {'float32 outputs' if rule.multi_output else 'one float32 output'}"
         reason = self._cost_reason(node) if rule.kind == ANCHOR else ""
         if reason:  # decided before statistics: its inputs are not observed
             return reason
@@ -646,16 +649,18 @@ class _Placement:
         low, high = _clip_bounds(follower)
         return int(np.rint(low / scale)) + zero_point <= qtype.qmin and int(np.rint(high / scale)) + zero_point >= qtype.qmax
 
-    def out_tensor(self, node: gs.Node) -> gs.Tensor:
+    def out_tensors(self, node: gs.Node) -> list[gs.Tensor]:
+        """The tensors that carry a quantized node's result: its outputs (more than one only for
+        Split), or the output of the Relu/Clip it absorbed."""
         follower = self.absorbed.get(id(node))
-        return follower.outputs[0] if follower is not None else node.outputs[0]
+        return [follower.outputs[0]] if follower is not None else _outputs(node)
 
     def emits_q(self, node: gs.Node) -> bool:
-        """Whether quantized ``node`` gets a Q/DQ pair on its output."""
+        """Whether quantized ``node`` gets a Q/DQ pair on its output (each output of a move op)."""
         rule = self.rules[node.op]
-        out = self.out_tensor(node)
         if rule.output_required:
             return True
+        (out,) = self.out_tensors(node)
         if id(out) in self.outputs or not any(self._reads_quantized(user, out) for user in out.outputs):
             return False
         return not isinstance(self.activation(out), str)
@@ -667,27 +672,28 @@ class _Placement:
         return any(user.inputs[i] is tensor for i in indices)
 
     def _region_reason(self, node: gs.Node, rule: OpRule, emitters: dict[int, gs.Node]) -> str:
-        out = self.out_tensor(node)
+        outs = self.out_tensors(node)
         if rule.output_required:
-            if id(out) in self.outputs:
-                return f"graph-output: {out.name} would be quantized; onnxruntime does not fuse a node that produces a graph output"
-            if rule.kind != MOVE:
-                found = self.activation(out)
-                if isinstance(found, str):
-                    return found
+            for out in outs:
+                if id(out) in self.outputs:
+                    return f"graph-output: {out.name} would be quantized; onnxruntime does not fuse a node that produces a graph output"
+                if rule.kind != MOVE:
+                    found = self.activation(out)
+                    if isinstance(found, str):
+                        return found
         if rule.kind == ANCHOR:
             return ""
         for index in self.data_inputs(node, rule):
             tensor = node.inputs[index]
             if constant_value(tensor) is None and id(tensor) not in emitters:
                 return f"outside-region: input {tensor.name} does not come from a quantized node"
-        if not any(self._reads_quantized(user, out) for user in out.outputs):
-            return f"outside-region: no quantized node reads {out.name}"
+        if not any(self._reads_quantized(user, out) for out in outs for user in out.outputs):
+            return f"outside-region: no quantized node reads {' or '.join(out.name for out in outs)}"
         return ""
 
     def emitters(self) -> dict[int, gs.Node]:
         """Tensor id -> the quantized node that puts a Q/DQ pair on it."""
-        return {id(self.out_tensor(n)): n for n in self.quantized.values() if self.emits_q(n)}
+        return {id(out): n for n in self.quantized.values() if self.emits_q(n) for out in self.out_tensors(n)}
 
     # -------------------------------------------------------------- parameters
     def _assign_params(self) -> None:
@@ -701,11 +707,11 @@ class _Placement:
                 if constant_value(tensor) is None and id(tensor) not in self.params:
                     self.params[id(tensor)] = self.activation(tensor)
             if self.emits_q(node):
-                out = self.out_tensor(node)
-                if rule.kind == MOVE:
-                    self.params[id(out)] = self.params[id(node.inputs[0])]
-                else:
-                    self.params[id(out)] = self.activation(out)
+                for out in self.out_tensors(node):
+                    if rule.kind == MOVE:
+                        self.params[id(out)] = self.params[id(node.inputs[0])]
+                    else:
+                        self.params[id(out)] = self.activation(out)
 
     # -------------------------------------------------------------- report
     def record(self, ctx: PassContext, override: str | None) -> None:
@@ -721,6 +727,10 @@ class _Placement:
             elif key in self.quantized or key in self.reasons:
                 rule = override if key in self.quantized else self.reasons[key]
                 ctx.record(**{"pass": NAME, "node": node.name, "op": node.op, "precision": "float32", "rule": rule})
+
+
+def _outputs(node: gs.Node) -> list[gs.Tensor]:
+    return [t for t in node.outputs if not is_omitted(t)]
 
 
 def _constant_clip(node: gs.Node) -> bool:

@@ -27,8 +27,10 @@ from onnxmp.shapes import infer_shapes
 
 DATA = REPO / "fixtures" / "data"
 PIPELINE = "cleanup,fold-constants,fold-batchnorm,fuse-matmul-add,qdq-insertion,scale-folding,cleanup"
-TRAINED_CALIBRATION = {"digits_cnn": DATA / "digits_calib", "tiny_transformer": DATA / "tiny_transformer_calib"}
-GOLDEN_FIXTURES = ["digits_cnn", "cnn_bn_residual", "tiny_transformer", "transformer_block", "matmul_add", "batchnorm_gemm"]
+TRAINED_CALIBRATION = {"digits_cnn": DATA / "digits_calib", "tiny_transformer": DATA / "tiny_transformer_calib",
+                       "digits_detector": DATA / "digits_detector_calib"}  # fmt: skip
+GOLDEN_FIXTURES = ["digits_cnn", "cnn_bn_residual", "tiny_transformer", "transformer_block", "matmul_add", "batchnorm_gemm",
+                   "digits_detector"]  # fmt: skip
 INTEGER_KERNELS = ("QLinear", "QGemm", "MatMulInteger")
 
 
@@ -190,6 +192,63 @@ def test_cost_model_keeps_narrow_layers_float_and_quantizes_the_rest(tmp_path):
     [verdict] = [d for d in result.report["decisions"] if d.get("pass") == "qdq-insertion" and "kept" in d]
     assert verdict["rule"] == "estimated" and 1.2 <= verdict["estimated_speedup"] < 1.5
     assert fused_ops(result.model)["QLinearConv"] == 4
+
+
+def _c2f_model() -> onnx.ModelProto:
+    """YOLOv8's C2f block on 32 channels: Conv+SiLU, Split in two halves, a Conv+SiLU with a
+    residual Add on the second half, Concat of all three, a 1x1 Conv+SiLU."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, cout, cin, k):
+        return numpy_helper.from_array((rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32), name)
+
+    inits = [weight("w_in", 32, 32, 1), weight("w_mid", 16, 16, 3), weight("w_out", 32, 48, 1),
+             numpy_helper.from_array(np.array([16, 16], np.int64), "halves")]  # fmt: skip
+    nodes = []
+
+    def conv_silu(x, w, out, **attrs):
+        nodes.append(helper.make_node("Conv", [x, w], [f"{out}_conv"], name=f"{out}/conv", **attrs))
+        nodes.append(helper.make_node("Sigmoid", [f"{out}_conv"], [f"{out}_sig"], name=f"{out}/sigmoid"))
+        nodes.append(helper.make_node("Mul", [f"{out}_conv", f"{out}_sig"], [out], name=f"{out}/silu"))
+
+    conv_silu("x", "w_in", "cv1")
+    nodes.append(helper.make_node("Split", ["cv1", "halves"], ["a", "b"], name="split", axis=1))
+    conv_silu("b", "w_mid", "m", pads=[1] * 4)
+    nodes.append(helper.make_node("Add", ["b", "m"], ["res"], name="residual"))
+    nodes.append(helper.make_node("Concat", ["a", "b", "res"], ["cat"], name="concat", axis=1))
+    conv_silu("cat", "w_out", "cv2")
+    nodes.append(helper.make_node("Relu", ["cv2"], ["y"], name="out"))
+    graph = helper.make_graph(nodes, "c2f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 20, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 20, 20])], inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_split_inside_an_integer_region_runs_on_8_bit_data(tmp_path):
+    """onnxruntime runs Split on 8-bit data when its input comes from a DequantizeLinear and
+    every output goes to a QuantizeLinear with the same parameters (its "dropSplitQDQ" rule):
+    the C2f block is then integer from the first convolution to the last, the Split's halves,
+    the residual Add and the Concat included, where leaving Split float would leave all three
+    float."""
+    model = _c2f_model()
+    result = optimize_model(model, passes="qdq-insertion", calibration_data=calibration_folder(tmp_path, model),
+                            calibration_cache=None, verify_each=True)  # fmt: skip
+    decisions = node_decisions(result)
+    assert {name: decisions[name]["precision"] for name in ("split", "residual", "concat")} == dict.fromkeys(
+        ("split", "residual", "concat"), "int8")
+    graph = result.model.graph
+    [split] = [n for n in graph.nodes if n.op == "Split"]
+    assert split.inputs[0].inputs[0].op == "DequantizeLinear"
+    scales = {id(q.inputs[1]) for out in split.outputs for q in out.outputs}
+    assert all([q.op for q in out.outputs] == ["QuantizeLinear"] for out in split.outputs)
+    assert scales == {id(split.inputs[0].inputs[0].inputs[1])}  # the input's scale, shared exactly
+    ops = fused_ops(result.model)
+    assert ops["QLinearAdd"] == 1 and ops["QLinearConcat"] == 1 and ops["QLinearConv"] == 3
+    assert ops["QLinearSigmoid"] == ops["QLinearMul"] == 2  # the last SiLU only feeds the float Relu: float
+    assert ops["Split"] == 1 and ops["QuantizeLinear"] == 1  # the region's entry: nothing requantized around Split
+    x = np.random.default_rng(5).standard_normal((2, 32, 20, 20)).astype(np.float32)
+    expected = session(model).run(None, {"x": x})[0]
+    got = session(result.model.to_proto()).run(None, {"x": x})[0]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.05
 
 
 def test_integer_pays_needs_enough_work_per_output():
