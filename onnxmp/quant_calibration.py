@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -58,6 +58,7 @@ HISTOGRAM_CACHE_VERSION = 2
 DEFAULT_TENSORRT_VERSION = "10.0.0"
 _CHUNK = 1 << 16  # values binned per numpy pass: its buffers (768 kB) stay in a core's cache between passes
 _CANDIDATE_ROWS = 64  # mse thresholds evaluated per pass: bounds its (rows x bins) temporaries
+_BOUND_MARGIN = 1e-9  # of an mse lower bound's terms: floating-point error is some 1e-13 of them
 
 
 # ------------------------------------------------------------------------------ histogram
@@ -466,7 +467,8 @@ def mse_threshold(histogram: TensorHistogram, dtype: str = "int8", symmetric: bo
 
     Values are taken as spread evenly within their bin. A value inside ``[0, t]`` costs its
     rounding error, integrated exactly over the bin (for float8 too: its grid is uniform between
-    powers of two); one beyond ``t`` costs its squared distance to ``t``.
+    powers of two); one beyond ``t`` costs its squared distance to ``t``. Every edge is a
+    candidate; :func:`_mse_errors` skips those that provably cannot win.
     """
     grid = _grid(histogram, dtype, symmetric)
     counts = histogram.nonzero_counts()
@@ -475,8 +477,36 @@ def mse_threshold(histogram: TensorHistogram, dtype: str = "int8", symmetric: bo
         return 0.0
     counts = counts[:top]
     candidates = np.arange(1, top + 1)
-    errors = _clipping_errors(counts, candidates) + _rounding_errors(counts, candidates, grid)
+    errors = _mse_errors(counts, candidates, grid)
     return float(min(candidates[int(np.argmin(errors))] * histogram.width, histogram.absmax))
+
+
+def _mse_errors(counts: np.ndarray, candidates: np.ndarray, grid: _Grid) -> np.ndarray:
+    """The error of each candidate edge, or inf for an edge whose error is sure to exceed the least.
+
+    A branch and bound over the blocks of :data:`_CANDIDATE_ROWS` edges that
+    :func:`_rounding_errors` works in: blocks are computed in the order of their lower bound
+    (:func:`_rounding_error_bounds` plus the clipping error, which is cheap and exact), until the
+    next bound exceeds the least error found. A block is computed as the exhaustive search
+    computes it, so the errors found are bit for bit the same and every skipped edge's error
+    exceeds the least: ``argmin`` picks the same edge. The bounds leave a margin of
+    :data:`_BOUND_MARGIN` of the magnitudes involved, far above floating-point error.
+    """
+    clipping = _clipping_errors(counts, candidates)
+    estimate, spread = _rounding_error_bounds(counts, candidates, grid)
+    bounds = clipping + estimate - spread - _BOUND_MARGIN * (clipping + estimate + spread)
+    starts = np.arange(0, candidates.size, _CANDIDATE_ROWS)
+    block_bounds = np.minimum.reduceat(bounds, starts)
+    rounding = _rounding_errors(counts, candidates, grid)
+    errors = np.full(candidates.size, np.inf)
+    least = np.inf
+    for block in np.argsort(block_bounds, kind="stable"):
+        if block_bounds[block] > least:
+            break
+        rows = slice(starts[block], starts[block] + _CANDIDATE_ROWS)
+        errors[rows] = clipping[rows] + rounding(int(starts[block]))
+        least = min(least, float(errors[rows].min()))
+    return errors
 
 
 def _clipping_errors(counts: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -487,8 +517,27 @@ def _clipping_errors(counts: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return s2 - 2 * candidates * s1 + candidates**2 * s0 + s0 / 12
 
 
-def _rounding_errors(counts: np.ndarray, candidates: np.ndarray, grid: _Grid) -> np.ndarray:
-    """Rounding error of the values below each candidate edge ``k``, in bin widths squared.
+def _rounding_error_bounds(counts: np.ndarray, candidates: np.ndarray, grid: _Grid) -> tuple[np.ndarray, np.ndarray]:
+    """``(estimate, spread)``: each candidate's rounding error lies within ``estimate ± spread``.
+
+    On a uniform grid whose step is ``d = k * step`` bins at edge ``k``, the error is ``d² M / 12
+    + d³ P / 3`` (:func:`_uniform_rounding_errors`), ``M`` being the count below the edge and
+    ``P = sum_{1<=j<k} 3 g(u_j) (c_{j-1} - c_j) + 3 g(1 / step) c_{k-1}``. Since ``|g| <= 1 /
+    (36 sqrt 3)``, ``|P| / 3`` is at most that times ``sum |c_{j-1} - c_j| + c_{k-1}``: the
+    spread is small where the histogram is smooth. Other grids get no bound (an infinite spread).
+    """
+    if grid.starts.size != 1:
+        return np.zeros(candidates.size), np.full(candidates.size, np.inf)
+    steps = candidates * float(grid.steps[0])
+    below = np.concatenate(([0.0], np.cumsum(counts)))[candidates]
+    variation = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(counts)))))[candidates - 1] + counts[candidates - 1]
+    return steps**2 * below / 12, steps**3 * variation / (36 * math.sqrt(3))
+
+
+def _rounding_errors(counts: np.ndarray, candidates: np.ndarray, grid: _Grid) -> Callable[[int], np.ndarray]:
+    """The rounding errors of the values below each candidate edge ``k``, in bin widths squared,
+    as a function of a block's first index: it returns those of ``candidates[start : start +
+    _CANDIDATE_ROWS]``, ``start`` a multiple of :data:`_CANDIDATE_ROWS`.
 
     With ``t = k w``, bin ``j`` spans ``[j/k, (j+1)/k]`` in units of ``t``; its values cost
     ``(t³ / w) (I((j+1)/k) - I(j/k))`` each on average, ``I`` the grid's rounding integral.
@@ -498,16 +547,17 @@ def _rounding_errors(counts: np.ndarray, candidates: np.ndarray, grid: _Grid) ->
     if grid.starts.size == 1:
         return _uniform_rounding_errors(counts, candidates, float(grid.steps[0]))
     edges = np.arange(counts.size + 1, dtype=np.float64)
-    errors = np.empty(candidates.size)
-    for start in range(0, candidates.size, _CANDIDATE_ROWS):
+
+    def block(start: int) -> np.ndarray:
         rows = candidates[start : start + _CANDIDATE_ROWS]
         width = int(rows[-1])
         v = np.minimum(np.multiply.outer(1.0 / rows, edges[: width + 1]), 1.0)
-        errors[start : start + _CANDIDATE_ROWS] = rows**3.0 * (np.diff(grid.rounding_integral(v), axis=1) @ counts[:width])
-    return errors
+        return rows**3.0 * (np.diff(grid.rounding_integral(v), axis=1) @ counts[:width])
+
+    return block
 
 
-def _uniform_rounding_errors(counts: np.ndarray, candidates: np.ndarray, step: float) -> np.ndarray:
+def _uniform_rounding_errors(counts: np.ndarray, candidates: np.ndarray, step: float) -> Callable[[int], np.ndarray]:
     """:func:`_rounding_errors` on a uniform grid, in half the passes over each block and
     without subtracting nearly equal integrals.
 
@@ -520,12 +570,12 @@ def _uniform_rounding_errors(counts: np.ndarray, candidates: np.ndarray, step: f
     """
     top = 1.0 / step
     below = np.concatenate(([0.0], np.cumsum(counts)))[candidates]
-    periodic = np.empty(candidates.size)
     columns = np.arange(1, int(candidates[-1]) + 1, dtype=np.float64)  # j >= 1
     r_buffer = np.empty(min(candidates.size, _CANDIDATE_ROWS) * columns.size)  # made once: a block's arrays are views
     g_buffer = np.empty_like(r_buffer)
     weights_buffer = np.empty(columns.size)
-    for start in range(0, candidates.size, _CANDIDATE_ROWS):
+
+    def block(start: int) -> np.ndarray:
         rows = candidates[start : start + _CANDIDATE_ROWS]
         width = int(rows[-1])
         r = r_buffer[: rows.size * width].reshape(rows.size, width)
@@ -541,9 +591,11 @@ def _uniform_rounding_errors(counts: np.ndarray, candidates: np.ndarray, step: f
         weights = weights_buffer[:width]
         weights[:] = counts[:width]
         weights[:-1] -= counts[1:width]
-        periodic[start : start + _CANDIDATE_ROWS] = g @ weights
-    edges = candidates.astype(np.float64)
-    return step**3 * edges**3 * (top * below / (12 * edges) + periodic / 3)
+        periodic = g @ weights
+        edges = rows.astype(np.float64)
+        return step**3 * edges**3 * (top * below[start : start + _CANDIDATE_ROWS] / (12 * edges) + periodic / 3)
+
+    return block
 
 
 # ------------------------------------------------------------------------------ parameters

@@ -339,6 +339,12 @@ def test_mse_threshold_matches_a_brute_force_search(dtype, quantize):
     assert error(mse_threshold(histogram, dtype)) <= best * 1.005
 
 
+def exhaustive_rounding_errors(counts: np.ndarray, candidates: np.ndarray, grid: qc._Grid) -> np.ndarray:
+    """Every candidate's rounding error, block after block."""
+    block = qc._rounding_errors(counts, candidates, grid)
+    return np.concatenate([block(start) for start in range(0, candidates.size, qc._CANDIDATE_ROWS)])
+
+
 @pytest.mark.parametrize("step", [2 / 254, 1 / 255, 2 / 255])
 def test_uniform_rounding_errors_equal_the_integral_form(step):
     rng = np.random.default_rng(3)
@@ -348,7 +354,67 @@ def test_uniform_rounding_errors_equal_the_integral_form(step):
     grid = qc._Grid.uniform(step)
     edges = np.minimum(np.arange(counts.size + 1)[None, :] / candidates[:, None], 1.0)
     reference = candidates**3.0 * (np.diff(grid.rounding_integral(edges), axis=1) @ counts)
-    assert np.allclose(qc._uniform_rounding_errors(counts, candidates, step), reference, rtol=1e-12, atol=0)
+    assert np.allclose(exhaustive_rounding_errors(counts, candidates, grid), reference, rtol=1e-12, atol=0)
+
+
+def adversarial_counts() -> dict[str, np.ndarray]:
+    """Histograms (counts of |x| per bin, the exact zeros taken out) on which a bound could slip."""
+    rng = np.random.default_rng(11)
+    smooth = np.exp(-np.arange(1500) / 200.0) * 1e6
+    cases = {
+        "smooth": np.rint(smooth),
+        "poisson": rng.poisson(smooth / 1e4).astype(np.float64),
+        "alternating": np.tile([1000.0, 0.0], 600),  # the largest variation: the widest bounds
+        "grid-aligned": np.where(np.arange(1270) % 10 == 0, 5000.0, 0.0),  # values on the grid of one edge
+        "one-bin": np.concatenate((np.zeros(900), [7.0])),
+        "two-spikes": np.concatenate(([3.0e6], np.zeros(1400), [1.0])),
+        "flat": np.full(2048, 1e4),
+        "huge-counts": np.rint(smooth * 1e7),
+        "sparse": np.where(rng.random(2000) < 0.005, rng.integers(1, 4, 2000), 0).astype(np.float64),
+        "first-bin": np.array([42.0]),
+    }
+    cases["sparse"][-1] = 1.0
+    for seed in range(6):
+        draw = np.random.default_rng(seed)
+        size = int(draw.integers(64, 2049))
+        cases[f"random-{seed}"] = draw.poisson(draw.exponential(draw.uniform(0.1, 500), size)).astype(np.float64)
+        cases[f"random-{seed}"][-1] += 1
+    return cases
+
+
+GRIDS = {"int8": qc._Grid.uniform(2 / 254), "uint8 signed": qc._Grid.uniform(2 / 255),
+         "uint8 unsigned": qc._Grid.uniform(1 / 255), "float8": qc._fp8_e4m3fn_grid()}  # fmt: skip
+
+
+@pytest.mark.parametrize("grid", GRIDS.values(), ids=GRIDS.keys())
+@pytest.mark.parametrize("name, counts", adversarial_counts().items())
+def test_pruned_mse_search_equals_the_exhaustive_one(name, counts, grid):
+    candidates = np.arange(1, counts.size + 1)
+    exhaustive = qc._clipping_errors(counts, candidates) + exhaustive_rounding_errors(counts, candidates, grid)
+    errors = qc._mse_errors(counts, candidates, grid)
+    computed = np.isfinite(errors)
+    assert np.array_equal(errors[computed], exhaustive[computed])  # bit for bit
+    assert (exhaustive[~computed] > exhaustive.min()).all()
+    assert np.argmin(errors) == np.argmin(exhaustive)
+
+
+@pytest.mark.parametrize("grid", [g for g in GRIDS.values() if g.starts.size == 1], ids=[k for k, g in GRIDS.items() if g.starts.size == 1])
+@pytest.mark.parametrize("name, counts", adversarial_counts().items())
+def test_rounding_error_bounds_hold(name, counts, grid):
+    candidates = np.arange(1, counts.size + 1)
+    exact = exhaustive_rounding_errors(counts, candidates, grid)
+    estimate, spread = qc._rounding_error_bounds(counts, candidates, grid)
+    slack = 1e-12 * (estimate + spread)
+    assert (estimate - spread <= exact + slack).all()
+    assert (exact <= estimate + spread + slack).all()
+
+
+def test_pruned_mse_search_computes_a_few_blocks_of_a_smooth_histogram():
+    counts = np.random.default_rng(5).poisson(np.exp(-np.arange(2048) / 300.0) * 2000).astype(np.float64)
+    counts[-1] = 3.0
+    candidates = np.arange(1, counts.size + 1)
+    computed = np.isfinite(qc._mse_errors(counts, candidates, GRIDS["uint8 unsigned"]))
+    assert computed.sum() <= 4 * qc._CANDIDATE_ROWS
 
 
 def naive_kl(counts: np.ndarray, edge: int, levels: int) -> float:
