@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 
+import onnxmp.policy as policies
 from onnxmp.errors import PolicyError
 from onnxmp.pass_manager import registered_passes
 from onnxmp.policy import (
@@ -72,6 +74,33 @@ def test_invalid_policies_name_the_field(tmp_path, data, where, what):
         load_policy(write(tmp_path, data))
     message = str(info.value)
     assert f"{where}:" in message and what in message and "policy.json" in message
+
+
+def policy_variants() -> list:
+    """Every preset, and each with one pass option or one top-level field made wrong."""
+    variants = []
+    for name in preset_names():
+        data = json.loads(preset_text(name))
+        variants += [data, {**data, "version": 2}, {**data, "target": "tpu"}, {**data, "extra": 1}]
+        variants.append({**data, "passes": [*data["passes"], {"name": "nope"}]})
+        variants.append({**data, "passes": [*data["passes"], {"name": "cleanup", "extra": 1}]})
+        variants.append({**data, "passes": [*data["passes"], {"name": "cleanup", "options": []}]})
+        for index, item in enumerate(data["passes"]):
+            for option, value in item.get("options", {}).items():
+                wrong = {"bogus": 1} if isinstance(value, (list, str, bool, type(None))) else "x"
+                changed = {**item, "options": {**item["options"], option: wrong}}
+                variants.append({**data, "passes": [*data["passes"][:index], changed, *data["passes"][index + 1 :]]})
+            unknown = {**item, "options": {**item.get("options", {}), "bogus": 1}}
+            variants.append({**data, "passes": [*data["passes"][:index], unknown, *data["passes"][index + 1 :]]})
+    return variants
+
+
+def test_split_validation_accepts_what_the_whole_schema_accepts():
+    whole = jsonschema.Draft202012Validator(policy_schema())
+    variants = policy_variants()
+    assert sum(whole.is_valid(data) for data in variants) == len(preset_names())
+    for data in variants:
+        assert policies._is_valid(data) == whole.is_valid(data)
 
 
 def test_invalid_json_and_missing_file(tmp_path):
