@@ -368,6 +368,25 @@ def test_uniform_rounding_errors_equal_the_integral_form(step):
     assert np.allclose(exhaustive_rounding_errors(counts, candidates, grid), reference, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("step", [2 / 254, 1 / 255, 2 / 255])
+def test_uniform_rounding_blocks_are_the_plain_formula_bit_for_bit(step):
+    """einsum's products and np.square are the broadcast multiply's and r * r's, bit for bit."""
+    rng = np.random.default_rng(4)
+    counts = rng.poisson(rng.exponential(300, 900)).astype(np.float64)
+    candidates = np.arange(1, counts.size + 1)
+    block, top = qc._uniform_rounding_errors(counts, candidates, step), 1.0 / step
+    below = np.concatenate(([0.0], np.cumsum(counts)))
+    for start in range(0, candidates.size, qc._CANDIDATE_ROWS):
+        rows = candidates[start : start + qc._CANDIDATE_ROWS]
+        width = int(rows[-1])
+        u = np.minimum((top / rows)[:, None] * np.arange(1, width + 1, dtype=np.float64), top)
+        r = u - np.rint(u)
+        weights = np.append(counts[: width - 1] - counts[1:width], counts[width - 1])
+        edges = rows.astype(np.float64)
+        plain = step**3 * edges**3 * (top * below[rows] / (12 * edges) + (((r * r) - 0.25) * r) @ weights / 3)
+        assert np.array_equal(block(start), plain)
+
+
 def adversarial_counts() -> dict[str, np.ndarray]:
     """Histograms (counts of |x| per bin, the exact zeros taken out) on which a bound could slip."""
     rng = np.random.default_rng(11)
