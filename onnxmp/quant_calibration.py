@@ -27,6 +27,7 @@ onnxruntime (see each writer for the format and where it was taken from).
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -54,7 +55,7 @@ DTYPES = ("int8", "uint8", "float8e4m3fn")
 ORT_QUANT_TYPES = {"int8": "QInt8", "uint8": "QUInt8", "float8e4m3fn": "QFLOAT8E4M3FN"}
 FP8_E4M3FN_MAX = 448.0
 FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-HISTOGRAM_CACHE_VERSION = 2
+HISTOGRAM_CACHE_VERSION = 3
 DEFAULT_TENSORRT_VERSION = "10.0.0"
 _CHUNK = 1 << 16  # values binned per numpy pass: its buffers (768 kB) stay in a core's cache between passes
 _CANDIDATE_ROWS = 64  # mse thresholds evaluated per pass: bounds its (rows x bins) temporaries
@@ -174,16 +175,19 @@ class TensorHistogram:
         return float(above) / self.count
 
     def to_json(self) -> dict[str, Any]:
+        """The histogram as JSON values; the counts as base64 of little-endian int64 (writing them
+        as a list of numbers took 2 ms per 11 tensors)."""
         return {
             "name": self.name, "bins": self.bins, "range": self.range, "count": self.count,
-            "zeros": self.zeros, "min": self.min, "max": self.max, "counts": self.counts.tolist(),
+            "zeros": self.zeros, "min": self.min, "max": self.max,
+            "counts": base64.b64encode(self.counts.astype("<i8").tobytes()).decode("ascii"),
             "nonfinite": self.nonfinite, "nonfinite_batch": self.nonfinite_batch,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TensorHistogram":
         histogram = cls(data["name"], data["bins"])
-        counts = np.asarray(data["counts"], dtype=np.int64)
+        counts = np.frombuffer(base64.b64decode(data["counts"], validate=True), dtype="<i8").astype(np.int64)
         if counts.shape != (histogram.bins,):
             raise ValueError(f"{counts.size} counts for {histogram.bins} bins")
         histogram.counts = counts

@@ -3,6 +3,7 @@ parameters against onnxruntime's formulas, and the export formats read back by t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import struct
@@ -296,6 +297,18 @@ def test_histograms_do_not_depend_on_onnxruntime_threads(monkeypatch):
         monkeypatch.setattr(calibration, "_threads_beside_caller", lambda: threads)
         found.append({n: h.to_json() for n, h in collect_histograms(model, digits_batches(), names, progress=False).items()})
     assert found[0] == found[1]
+
+
+def test_the_histogram_cache_holds_counts_as_base64(tmp_path):
+    histograms = collect_histograms(onnx.load(DIGITS), digits_batches(), [DIGITS_RELU], progress=False, cache_dir=tmp_path)
+    [cache_file] = tmp_path.glob("histograms-2048-*.json")
+    data = json.loads(cache_file.read_text(encoding="utf-8"))
+    assert data["version"] == qc.HISTOGRAM_CACHE_VERSION
+    [entry] = data["tensors"]
+    assert np.array_equal(np.frombuffer(base64.b64decode(entry["counts"]), "<i8"), histograms[DIGITS_RELU].counts)
+    data["version"] -= 1  # a file of another version is a miss
+    cache_file.write_text(json.dumps(data), encoding="utf-8")
+    assert qc._read_cache(cache_file) is None
 
 # ------------------------------------------------------------------------------ range methods
 def test_methods_clip_outliers_of_a_gaussian():
