@@ -120,7 +120,7 @@ class TensorHistogram:
                 return
             low, high = float(flat.min()), float(flat.max())
         self._cover(max(-low, high))
-        self._add(flat)
+        self._add(flat, low >= 0)
         self.count += flat.size
         self.min, self.max = min(self.min, low), max(self.max, high)
 
@@ -141,9 +141,11 @@ class TensorHistogram:
             self.counts = _merge_bins(self.counts, round(new_range / self.range))
         self.range = new_range
 
-    def _add(self, flat: np.ndarray) -> None:
+    def _add(self, flat: np.ndarray, nonnegative: bool) -> None:
         """Bin finite values that the range covers, a chunk at a time through two buffers made
-        once per call: each pass then reads and writes memory that is still in the cache."""
+        once per call: each pass then reads and writes memory that is still in the cache.
+        ``nonnegative``: no value is below 0 (Relu outputs), so the values are their own
+        magnitudes (-0.0 lands in bin 0 too) and need no pass of ``abs``."""
         if not self.range:  # the range stays 0 only while every value is 0
             self.zeros += flat.size
             self.counts[0] += flat.size
@@ -152,8 +154,8 @@ class TensorHistogram:
         magnitude_buffer, index_buffer = np.empty(size, np.float32), np.empty(size, np.intp)
         for start in range(0, flat.size, _CHUNK):
             chunk = flat[start : start + _CHUNK]
-            magnitude, index = magnitude_buffer[: chunk.size], index_buffer[: chunk.size]
-            np.abs(chunk, out=magnitude)
+            index = index_buffer[: chunk.size]
+            magnitude = chunk if nonnegative else np.abs(chunk, out=magnitude_buffer[: chunk.size])
             self.zeros += int(np.count_nonzero(magnitude == 0))  # faster than counting nonzero floats
             _bin_index(magnitude, self.bins, self.range, index)
             self.counts += np.bincount(index, minlength=self.bins)

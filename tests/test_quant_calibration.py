@@ -104,6 +104,20 @@ def test_merging_batches_equals_one_histogram_of_all_the_data():
     assert (merged.min, merged.max) == (float(whole.min()), float(whole.max()))
 
 
+def test_values_that_are_never_negative_bin_as_their_magnitudes():
+    rng = np.random.default_rng(2)
+    relu = np.maximum(rng.standard_normal(150_000), 0).astype(np.float32)  # more than two chunks
+    relu[:7] = -0.0  # Relu can give -0.0: it is a zero, in bin 0
+    signed = relu.copy()
+    signed[7] = -1e-30  # one negative value: the magnitude pass runs
+    for values in (relu, signed):
+        histogram = histogram_of(values)
+        reference, _ = np.histogram(np.abs(values.astype(np.float64)), bins=2048, range=(0.0, histogram.range))
+        assert np.array_equal(histogram.counts, reference)
+        assert histogram.zeros == int(np.count_nonzero(values == 0))
+    assert np.array_equal(histogram_of(relu).counts, histogram_of(np.abs(relu)).counts)
+
+
 def test_histogram_size_does_not_grow_with_the_number_of_batches():
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal(20_000).astype(np.float32) * (1 + index) for index in range(64)]
