@@ -4,7 +4,7 @@
 
 Usage::
 
-    python benchmarks/int8_cpu.py                                  # every model and the calibration table (~6-10 min on 2 cores)
+    python benchmarks/int8_cpu.py                                  # every model and the calibration table (~15 min on 2 cores)
     python benchmarks/int8_cpu.py --models digits_cnn,resnet18 --json int8.json
     python benchmarks/int8_cpu.py --models resnet18 --dump-fused   # op counts after onnxruntime's fusion
 
@@ -53,7 +53,8 @@ every quantizer sees the same graph:
 
 Then (``--calibration-model``, ``--calibration-batches``) the calibration cost: ``onnxmp-int8`` and
 the three calibrators on 10 and 200 batches (the case's batches cycled), each in a fresh process,
-time and peak resident memory (``VmHWM``).
+``--calibration-repeats`` times with the tools taking turns: median time, highest peak resident
+memory (``VmHWM``), and Entropy's time over onnxmp's.
 
 Columns: ``speedup`` = FP32 median latency / variant median latency, timed in pairs: the two
 sessions (``onnxmp.runtime.make_session``, CPU provider, all graph optimizations, batch 1, random
@@ -75,6 +76,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -488,7 +490,7 @@ def calibrate_once(name: str, tool: str, count: int) -> dict[str, Any]:
             make_ort(fp32, (dict(np.load(p)) for p in sorted(calib_dir.glob("*.npz"))), tool, folder)
         seconds = time.perf_counter() - start
     peak_mb = _status_mb("VmHWM")
-    return {"model": name, "tool": tool, "batches": count, "seconds": round(seconds, 2), "peak_mb": round(peak_mb, 1),
+    return {"model": name, "tool": tool, "batches": count, "seconds": round(seconds, 4), "peak_mb": round(peak_mb, 1),
             "before_mb": round(before_mb, 1)}  # fmt: skip
 
 
@@ -500,23 +502,42 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def calibration_table(name: str, counts: list[int]) -> list[dict]:
-    """:func:`calibrate_once` for every tool and batch count, each in a fresh process (its peak is its own)."""
+def calibration_table(name: str, counts: list[int], repeats: int) -> list[dict]:
+    """:func:`calibrate_once` ``repeats`` times for every tool and batch count, each in a fresh
+    process (its peak is its own), the tools taking turns in every round so that a slow spell of
+    the machine hits them alike; per tool and count the median time and the highest peak, then
+    Entropy's median time over onnxmp's."""
     import subprocess
 
-    rows = []
-    for tool in CALIBRATION_TOOLS:
-        for count in counts:
+    runs: dict[tuple[str, int], list[dict]] = {(tool, count): [] for count in counts for tool in CALIBRATION_TOOLS}
+    for _ in range(repeats):
+        for key in runs:
+            tool, count = key
             command = [sys.executable, __file__, "--calibrate-once", f"{name},{tool},{count}"]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             try:
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[key].append(json.loads(done.stdout.strip().splitlines()[-1]))
             except (IndexError, ValueError):
-                row = {"model": name, "tool": tool, "batches": count, "status": f"failed: {done.stderr.strip()[-200:]}"}
-            rows.append(row)
-            print(f"{row['model']:<18} {tool:<15} {count:>5} batches {_fmt(row.get('seconds'), '8.2f')} s "
-                  f"{_fmt(row.get('peak_mb'), '9.1f')} MB peak ({_fmt(row.get('before_mb'), '7.1f')} MB before)  "
-                  f"{row.get('status', '')}", flush=True)  # fmt: skip
+                runs[key].append({"status": f"failed: {done.stderr.strip()[-200:]}"})
+    rows = []
+    for (tool, count), done_runs in runs.items():
+        seconds = [r["seconds"] for r in done_runs if "seconds" in r]
+        row: dict[str, Any] = {"model": name, "tool": tool, "batches": count, "runs": seconds}
+        if seconds:
+            row.update(seconds=round(statistics.median(seconds), 4), peak_mb=max(r["peak_mb"] for r in done_runs if "peak_mb" in r),
+                       before_mb=max(r["before_mb"] for r in done_runs if "before_mb" in r))  # fmt: skip
+        failures = [r["status"] for r in done_runs if "status" in r]
+        if failures:
+            row["status"] = failures[0]
+        rows.append(row)
+        print(f"{name:<18} {tool:<15} {count:>5} batches {_fmt(row.get('seconds'), '8.3f')} s (median of {len(seconds)}) "
+              f"{_fmt(row.get('peak_mb'), '9.1f')} MB peak ({_fmt(row.get('before_mb'), '7.1f')} MB before)  "
+              f"{row.get('status', '')}", flush=True)  # fmt: skip
+    medians = {(r["tool"], r["batches"]): r.get("seconds") for r in rows}
+    for count in counts:
+        ours, entropy = medians[("onnxmp", count)], medians[("ort-entropy", count)]
+        if ours and entropy:
+            print(f"{count:>5} batches: Entropy / onnxmp = {entropy / ours:.2f}x")
     return rows
 
 
@@ -544,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every number to this file")
     parser.add_argument("--calibration-model", default="cnn_bn_residual", help="model of the calibration time/memory table ('' to skip)")
     parser.add_argument("--calibration-batches", default="10,200", help="batch counts of that table (4 samples each)")
+    parser.add_argument("--calibration-repeats", type=int, default=5, help="fresh-process runs per tool and count (median)")
     parser.add_argument("--calibrate-once", metavar="MODEL,TOOL,BATCHES", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import onnxruntime as ort
@@ -564,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration = []
     if args.calibration_model:
         print(f"\ncalibration time and peak memory ({args.calibration_model}, 4 samples per batch):")
-        calibration = calibration_table(args.calibration_model, [int(c) for c in args.calibration_batches.split(",")])
+        counts = [int(c) for c in args.calibration_batches.split(",")]
+        calibration = calibration_table(args.calibration_model, counts, args.calibration_repeats)
     if args.json:
         document = {"onnxruntime": ort.__version__, "cpus": os.cpu_count(), "rows": rows, "calibration": calibration}
         args.json.write_text(json.dumps(document, indent=2) + "\n")
