@@ -16,12 +16,12 @@ every run, and a Q/DQ round trip per tensor):
   MatMulIntegerToFloat / QGemm with a float output, and get a quantized output (QLinearMatMul,
   QGemm with int8 output) only when a quantized node reads it.
 * ``qlinear`` ops (Add, Mul, pools, Sigmoid, LeakyRelu, Softmax, Concat) become QLinear* kernels,
-  and ``move`` ops (MaxPool, Reshape, Transpose, Flatten, ...) run on the 8-bit data directly
-  with their output sharing the input's scale and zero point. Both are quantized only inside an
-  integer region: every activation input comes from a quantized node that already emits a
-  quantized output, and a quantized node reads the result. Alone they would only add Q/DQ work.
-  The region is the largest set that satisfies this, found by removing violators until none is
-  left.
+  and ``move`` ops (MaxPool, Reshape, Transpose, Flatten, Split, ...) run on the 8-bit data
+  directly with their output (every output of a Split) sharing the input's scale and zero point.
+  Both are quantized only inside an integer region: every activation input comes from a
+  quantized node that already emits a quantized output, and a quantized node reads the result.
+  Alone they would only add Q/DQ work. The region is the largest set that satisfies this, found
+  by removing violators until none is left.
 * A Relu, or a Clip with constant bounds, that is the only reader of a quantized node's output is
   absorbed: the Q/DQ pair goes after it, its zero point (qmin for an unsigned range starting at
   0) makes it redundant, and onnxruntime drops it while fusing. It stays in the graph, so the
