@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnxmp.ir import Model, constant_value, elem_type, graph_output_ids, is_omitted, producer, remove_nodes, toposort
 from onnxmp.pass_manager import Pass, PassContext, register
 from onnxmp.pattern import Const, Match, RewriteBuilder, Rule, rewrite_all
-from onnxmp.shapes import infer_shapes
+from onnxmp.shapes import infer_shapes_for
 
 from onnx import TensorProto
 
@@ -70,7 +70,10 @@ class ScaleFolding(Pass):
     def run(self, model: Model, ctx: PassContext) -> bool:
         if not any(n.op in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.nodes):
             return False
-        infer_shapes(model)  # element types of Q/DQ inputs without a zero point
+        # Element types of Q/DQ inputs without a zero point, and the ranks of DQ inputs. After
+        # qdq-insertion every tensor is typed already (it types what it creates), so inference
+        # would change nothing; it runs while some tensor lacks its dtype or shape.
+        infer_shapes_for(model, [t for t in model.graph.tensors().values() if isinstance(t, gs.Variable)])
         changed = _collapse_requantize(model.graph, ctx)
         changed = rewrite_all(model, RULES, ctx) or changed
         return changed

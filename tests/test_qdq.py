@@ -580,3 +580,29 @@ def test_scale_folding_after_qdq_insertion_keeps_outputs(tmp_path):
     feeds = {"x": np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)}
     for a, b in zip(session(without.to_proto()).run(None, feeds), session(with_folding.to_proto()).run(None, feeds)):
         assert np.array_equal(a, b)
+
+
+def test_scale_folding_infers_shapes_only_while_a_tensor_is_untyped(tmp_path, monkeypatch):
+    """After qdq-insertion every tensor is typed, so scale-folding runs no shape inference, and the
+    model is byte for byte the one it makes with inference; an untyped tensor still gets inferred."""
+    from onnxmp.passes import scale_folding
+
+    calls = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    skipped, inferred = (quantize("cnn_bn_residual", tmp_path, passes="fold-batchnorm,qdq-insertion").model for _ in range(2))
+    assert all(t.dtype is not None and t.shape is not None for t in skipped.graph.tensors().values())
+    calls.clear()
+    Pipeline.from_text("scale-folding").run(skipped)
+    assert not calls
+
+    untyped = Model.load(_requantize_chain())
+    assert any(t.dtype is None for t in untyped.graph.tensors().values() if isinstance(t, gs.Variable))
+    Pipeline.from_text("scale-folding").run(untyped)
+    assert calls
+
+    monkeypatch.setattr(scale_folding, "infer_shapes_for", lambda model, tensors: infer_shapes(model))  # always, as before
+    calls.clear()
+    Pipeline.from_text("scale-folding").run(inferred)
+    assert calls
+    assert skipped.to_proto().SerializeToString() == inferred.to_proto().SerializeToString()
