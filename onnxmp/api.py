@@ -126,14 +126,13 @@ def _keeping(pass_: Any, kept: tuple[str, ...]) -> Any:
 
 def _calibrator(model: Model, policy: Policy, data: Any, cache: Any, progress: bool):
     """A Calibrator over the given data or the policy's calibration section, or None."""
-    from onnxmp.calibration import Calibrator, default_cache_dir, start_runtime_setup
+    from onnxmp.calibration import Calibrator, default_cache_dir
     from onnxmp.data import input_specs, load_batches
 
     section = policy.data.get("calibration", {})
     path = Path(data) if data is not None else policy.section_path("calibration")
     if path is None:
         return None
-    start_runtime_setup()  # beside reading the data's headers and the first passes
     batches = load_batches(path, input_specs(model))
     if cache is None:
         cache = section.get("cache_dir", default_cache_dir())

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import tempfile
-import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -25,10 +24,10 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from onnxmp.data import Batch, BatchSource, input_specs
-from onnxmp.errors import DataError, ModelLoadError, OnnxmpError
+from onnxmp.errors import DataError, ModelLoadError
 from onnxmp.ir import TWO_GB, all_initializers, save_proto
 from onnxmp.runtime import as_written_options
 
@@ -231,36 +230,7 @@ def _session(model: onnx.ModelProto, threads: int = 0) -> Iterator[Any]:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxmp-calibration-"))
             loadable = str(Path(folder) / "model.onnx")
             save_proto(model, loadable, external_data=True)
-        for setup in _RUNTIME_SETUP:
-            setup.join()
         yield _create_session(loadable, threads)
-
-
-_RUNTIME_SETUP: list[threading.Thread] = []  # the thread start_runtime_setup started, once started
-
-
-def start_runtime_setup() -> None:
-    """Start onnxruntime's one-time setup (its environment and CPU kernels: some 3 ms before the
-    first session) in a background thread, once per process, by making a session of a one-node
-    model. onnxruntime holds the GIL only now and then, so most of the setup runs beside the
-    caller's next steps (reading data headers, onnx's shape inference); the first calibration
-    session waits for it. cnn_bn_residual's int8-cpu run on 2 cores: 1.2-1.4 ms less."""
-    if _RUNTIME_SETUP:
-        return
-    thread = threading.Thread(target=_set_up_runtime, name="onnxmp-onnxruntime-setup")
-    _RUNTIME_SETUP.append(thread)
-    thread.start()
-
-
-def _set_up_runtime() -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "setup", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-    try:
-        _create_session(model.SerializeToString(), 1)
-    except OnnxmpError:  # the calibration session will say what is wrong with onnxruntime
-        pass
 
 
 def _create_session(loadable: bytes | str, threads: int = 0) -> Any:

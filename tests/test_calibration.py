@@ -349,31 +349,3 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("ONNXMP_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "onnxmp" / "calibration"
-
-
-def test_runtime_setup_runs_once_in_the_background_and_fails_silently(monkeypatch):
-    """start_runtime_setup makes one throwaway session in one thread per process, whatever the
-    number of calls; the next calibration session waits for it; a setup that fails says nothing
-    (the calibration session reports onnxruntime's problems itself)."""
-    from onnxmp.errors import ModelLoadError
-
-    made = []
-
-    def fake_session(loadable, threads=0):
-        made.append(threads)
-        raise ModelLoadError("no onnxruntime here")
-
-    monkeypatch.setattr(calibration, "_RUNTIME_SETUP", [])
-    monkeypatch.setattr(calibration, "_create_session", fake_session)
-    calibration.start_runtime_setup()
-    calibration.start_runtime_setup()
-    (thread,) = calibration._RUNTIME_SETUP
-    thread.join()
-    assert made == [1]
-
-    monkeypatch.undo()
-    monkeypatch.setattr(calibration, "_RUNTIME_SETUP", [])
-    calibration.start_runtime_setup()
-    model = onnx.load(MODELS / "cnn_bn_residual.onnx")
-    stats = collect_statistics(model, random_batches(input_specs(model), 1, 2, 0), ["x"], progress=False)
-    assert not calibration._RUNTIME_SETUP[0].is_alive() and stats["x"].count == 2 * 3 * 32 * 32
