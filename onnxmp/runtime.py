@@ -83,7 +83,7 @@ NON_COMPUTE_OPS = frozenset(
 
 def as_written_options(log_severity: int = 3) -> "onnxruntime.SessionOptions":
     """Session options under which onnxruntime computes a graph exactly as written (graph
-    optimizations off): for folding, verifying, probing and calibrating, where a fused or
+    optimizations off): for folding, verifying and probing, where a fused or
     rewritten kernel would be another computation than the one being checked or measured."""
     import onnxruntime as ort
 

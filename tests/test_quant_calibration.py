@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import struct
 import tracemalloc
 
@@ -301,16 +300,6 @@ def test_histograms_are_cached_and_reused(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert collect_histograms(model, batches, ["x"], progress=False, cache_dir=tmp_path)["x"].count == first["x"].count
 
-
-
-def test_histograms_do_not_depend_on_onnxruntime_threads(monkeypatch):
-    model, names = onnx.load(DIGITS), ["x", DIGITS_RELU]
-    assert calibration._threads_beside_caller() in range(0, max(2, os.cpu_count() or 1))
-    found = []
-    for threads in (1, 3):
-        monkeypatch.setattr(calibration, "_threads_beside_caller", lambda: threads)
-        found.append({n: h.to_json() for n, h in collect_histograms(model, digits_batches(), names, progress=False).items()})
-    assert found[0] == found[1]
 
 
 def test_the_histogram_cache_holds_counts_as_base64(tmp_path):
