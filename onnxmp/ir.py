@@ -382,6 +382,11 @@ def is_omitted(tensor: gs.Tensor) -> bool:
     return isinstance(tensor, gs.Variable) and tensor.name == ""
 
 
+def present_outputs(node: gs.Node) -> list[gs.Tensor]:
+    """``node``'s outputs less the omitted optional ones (empty names)."""
+    return [t for t in node.outputs if not is_omitted(t)]
+
+
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a constant tensor (initializer or Constant node output), else None."""
     if isinstance(tensor, gs.Constant):

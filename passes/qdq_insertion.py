@@ -96,6 +96,7 @@ from onnxmp.ir import (
     elem_type,
     graph_output_ids,
     is_omitted,
+    present_outputs,
     provenance,
     set_provenance,
     subgraphs,
@@ -495,7 +496,7 @@ class _Placement:
             for index in self.data_inputs(node, rule):
                 if constant_value(node.inputs[index]) is None:
                     observed[node.inputs[index].name] = None
-            for out in _outputs(node):
+            for out in present_outputs(node):
                 follower = out.outputs[0] if len(out.outputs) == 1 and out.outputs[0].op in ABSORBABLE else None
                 unread = not rule.output_required and not any(id(user) in candidates for user in out.outputs)
                 if id(out) in self.outputs or unread or self._absorption_expected(rule, follower):
@@ -550,7 +551,7 @@ class _Placement:
             return kept
         if self.model.opset() < rule.min_opset:
             return f"opset: onnxruntime fuses {node.op} in 8 bits from opset {rule.min_opset}"
-        outputs = _outputs(node)
+        outputs = present_outputs(node)
         if not outputs or (len(outputs) > 1 and not rule.multi_output) or any(elem_type(t) != FLOAT32 for t in outputs):
             return f"not-float32: the node must have {'float32 outputs' if rule.multi_output else 'one float32 output'}"
         reason = self._cost_reason(node) if rule.kind == ANCHOR else ""
@@ -653,7 +654,7 @@ class _Placement:
         """The tensors that carry a quantized node's result: its outputs (more than one only for
         Split), or the output of the Relu/Clip it absorbed."""
         follower = self.absorbed.get(id(node))
-        return [follower.outputs[0]] if follower is not None else _outputs(node)
+        return [follower.outputs[0]] if follower is not None else present_outputs(node)
 
     def emits_q(self, node: gs.Node) -> bool:
         """Whether quantized ``node`` gets a Q/DQ pair on its output (each output of a move op)."""
@@ -727,10 +728,6 @@ class _Placement:
             elif key in self.quantized or key in self.reasons:
                 rule = override if key in self.quantized else self.reasons[key]
                 ctx.record(**{"pass": NAME, "node": node.name, "op": node.op, "precision": "float32", "rule": rule})
-
-
-def _outputs(node: gs.Node) -> list[gs.Tensor]:
-    return [t for t in node.outputs if not is_omitted(t)]
 
 
 def _constant_clip(node: gs.Node) -> bool:

@@ -68,7 +68,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from onnxmp.errors import DataError, PassError
-from onnxmp.ir import Model, constant_value, elem_type, graph_output_ids, is_omitted, iter_graphs, provenance
+from onnxmp.ir import Model, constant_value, elem_type, graph_output_ids, iter_graphs, present_outputs, provenance
 from onnxmp.pass_manager import PassContext
 from onnxmp.passes.qdq_insertion import (
     NAME,
@@ -202,7 +202,7 @@ class _Placement:
         kept = kept_by_user(node, self.owner)
         if kept:
             return kept
-        outputs = [t for t in node.outputs if not is_omitted(t)]
+        outputs = present_outputs(node)
         if len(outputs) != 1 or elem_type(outputs[0]) != TensorProto.FLOAT:
             return "not-float32: the node must have one float32 output"
         return ""
