@@ -28,7 +28,6 @@ from onnx import helper
 from onnxmp.data import Batch, BatchSource, input_specs
 from onnxmp.errors import DataError, ModelLoadError
 from onnxmp.ir import TWO_GB, all_initializers, save_proto
-from onnxmp.runtime import as_written_options
 
 FP16_MAX = 65504.0
 FP16_SMALLEST_NORMAL = 2.0**-14
@@ -240,8 +239,9 @@ def _create_session(loadable: bytes | str) -> Any:
     threads would take its cores."""
     import onnxruntime as ort
 
-    options = as_written_options()
+    options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
